@@ -1,0 +1,223 @@
+"""Routers and the ``Routing`` record they return.
+
+Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. Router maths runs
+in float32 whatever the input dtype (as in Switch and Mixtral). Capacity is applied afterwards
+by :func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lib.checks import (
+    check_choice,
+    check_int_range,
+    check_nonnegative,
+    check_positive_int,
+)
+
+WEIGHTINGS = ("renormalize", "topk_softmax", "raw")
+
+
+@dataclass
+class Routing:
+    """Which experts each token goes to, with what weight; read by dispatch, losses and plots.
+
+    Shapes (``T`` tokens, ``E`` experts, ``k`` assignments per token):
+
+    - ``expert_ids: [T, k]`` int64, slot 0 is each token's first choice.
+    - ``weights: [T, k]`` float32 gate weights as the router computed them (before capacity).
+    - ``probs: [T, E]`` float32 softmax of the clean router logits.
+    - ``logits: [T, E]`` float32 clean router logits (no noise).
+    - ``kept: [T, k]`` bool, False where capacity dropped the assignment.
+    - ``tokens_per_expert: [E]`` int64, assignments kept per expert.
+    - ``noisy_logits`` / ``noise_std: [T, E]``: noisy top-k only, in training (else None).
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    probs: Tensor
+    logits: Tensor
+    kept: Tensor
+    tokens_per_expert: Tensor
+    noisy_logits: Tensor | None = None
+    noise_std: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def dropped(self) -> int:
+        """Assignments dropped by capacity (0 when dropless)."""
+        return int((~self.kept).sum())
+
+    @property
+    def kept_weights(self) -> Tensor:
+        """``[T, k]`` gate weights with dropped assignments zeroed: what the combine uses."""
+        return self.weights * self.kept
+
+    def gates(self, kept_only: bool = False) -> Tensor:
+        """Dense gate matrix ``G: [T, E]``: the router's weight of each expert for each token.
+
+        ``kept_only=True`` zeroes the assignments that capacity dropped.
+        """
+        w = self.kept_weights if kept_only else self.weights
+        g = w.new_zeros(self.num_tokens, self.num_experts)
+        return g.scatter_add(1, self.expert_ids, w)
+
+    def chosen_counts(self) -> Tensor:
+        """``[E]`` assignments the router chose per expert, before capacity."""
+        return torch.bincount(self.expert_ids.reshape(-1), minlength=self.num_experts)
+
+    def with_kept(self, kept: Tensor) -> Routing:
+        """A copy with a new ``kept`` mask and ``tokens_per_expert`` recounted from it."""
+        ids = self.expert_ids[kept]
+        counts = torch.bincount(ids, minlength=self.num_experts)
+        return replace(self, kept=kept, tokens_per_expert=counts)
+
+
+def make_routing(
+    expert_ids: Tensor,
+    weights: Tensor,
+    logits: Tensor,
+    noisy_logits: Tensor | None = None,
+    noise_std: Tensor | None = None,
+) -> Routing:
+    """Build a Routing with every assignment kept (no capacity yet)."""
+    kept = torch.ones_like(expert_ids, dtype=torch.bool)
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
+    return Routing(
+        expert_ids=expert_ids,
+        weights=weights,
+        probs=logits.softmax(dim=-1),
+        logits=logits,
+        kept=kept,
+        tokens_per_expert=counts,
+        noisy_logits=noisy_logits,
+        noise_std=noise_std,
+    )
+
+
+def topk_weights(scores: Tensor, k: int, weighting: str) -> tuple[Tensor, Tensor]:
+    """Pick the k best experts from ``scores: [T, E]`` logits and weight them.
+
+    - ``"renormalize"`` (Mixtral): p = softmax(z) over all E, keep the top-k p, divide by their sum.
+    - ``"topk_softmax"`` (Shazeer 2017): G = softmax(KeepTopK(z, k)), other logits set to -inf.
+      Mathematically the same weights as "renormalize".
+    - ``"raw"`` (Switch, un-normalised Qwen-MoE): keep the top-k softmax probabilities as they are;
+      they sum to less than 1.
+
+    Returns ``(expert_ids: [T, k] int64, weights: [T, k] float32)``.
+    """
+    top_logits, ids = scores.topk(k, dim=-1)  # [T, k]
+    if weighting == "topk_softmax":
+        return ids, top_logits.softmax(dim=-1)
+    probs = scores.softmax(dim=-1).gather(1, ids)  # [T, k]
+    if weighting == "raw":
+        return ids, probs
+    return ids, probs / probs.sum(dim=-1, keepdim=True)
+
+
+class DenseRouter(nn.Module):
+    """Softmax gating over all experts (Jacobs et al. 1991): every expert runs on every token.
+
+    y = sum_i softmax(x W_g)_i E_i(x). ``expert_ids`` is ``[T, E]`` (all experts, in order).
+    """
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Clean router logits ``[T, E]`` in float32."""
+        return F.linear(x.float(), self.gate.weight.float())
+
+    def forward(self, x: Tensor) -> Routing:
+        z = self.logits(x)
+        ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+        return make_routing(ids, z.softmax(dim=-1), z)
+
+
+class TopKRouter(DenseRouter):
+    """Top-k gating: each token goes to the k experts with the largest logits.
+
+    ``weighting`` makes the normalisation explicit (see :func:`topk_weights`). ``jitter_eps > 0``
+    multiplies the router input by U(1 - eps, 1 + eps) in training (Switch Transformer jitter).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        weighting: str = "renormalize",
+        jitter_eps: float = 0.0,
+    ) -> None:
+        check_positive_int("num_experts", num_experts)
+        check_int_range("top_k", top_k, 1, num_experts)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_nonnegative("jitter_eps", jitter_eps)
+        super().__init__(d_model, num_experts)
+        self.top_k = top_k
+        self.weighting = weighting
+        self.jitter_eps = float(jitter_eps)
+
+    def forward(self, x: Tensor) -> Routing:
+        if self.training and self.jitter_eps > 0:
+            noise = torch.empty_like(x, dtype=torch.float32)
+            x = x.float() * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        z = self.logits(x)
+        ids, w = topk_weights(z, self.top_k, self.weighting)
+        return make_routing(ids, w, z)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017), noise in training only.
+
+    H(x)_i = (x W_g)_i + N(0, 1) * softplus((x W_noise)_i); G(x) = softmax(KeepTopK(H(x), k)).
+    ``W_noise`` starts at zero, as in the paper, so the initial noise scale is softplus(0) ~ 0.69;
+    ``noise_scale`` multiplies the noise (0 turns it off; 1 is the paper's).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        weighting: str = "topk_softmax",
+        noise_scale: float = 1.0,
+    ) -> None:
+        check_nonnegative("noise_scale", noise_scale)
+        super().__init__(d_model, num_experts, top_k, weighting)
+        self.noise = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.zeros_(self.noise.weight)
+        self.noise_scale = float(noise_scale)
+
+    def forward(self, x: Tensor) -> Routing:
+        z = self.logits(x)
+        if not self.training or self.noise_scale == 0:
+            ids, w = topk_weights(z, self.top_k, self.weighting)
+            return make_routing(ids, w, z)
+        std = F.softplus(F.linear(x.float(), self.noise.weight.float())) * self.noise_scale
+        h = z + torch.randn_like(z) * std  # [T, E]
+        ids, w = topk_weights(h, self.top_k, self.weighting)
+        return make_routing(ids, w, z, noisy_logits=h, noise_std=std)
+
+
+ROUTER_KINDS = ("dense", "topk", "noisy_topk")
