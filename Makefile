@@ -1,0 +1,95 @@
+# The MoE book: set-up, build and test.
+#
+#   make book       create .venv (first time only), install, execute and render the HTML book
+#   make test       lint + unit tests + every notebook under nbval
+#
+# Every target works from a fresh clone: the ones that need Python depend on `venv`.
+
+PYTHON3 ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+JB      := $(VENV)/bin/jupyter-book
+RUFF    := $(VENV)/bin/ruff
+
+# torch is pinned once, in requirements.txt; the venv recipe installs that version first.
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.txt)
+# Extra pip arguments for the torch install, e.g. `--index-url <a CPU-only wheel index>`.
+TORCH_PIP_ARGS ?=
+
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+# `make nb NB=notebooks/02_top_k.ipynb` tests one chapter.
+NB ?= notebooks
+# nbval options: --nbval-lax (outputs are not stored; the assert cells are the checks),
+# the kernel of this venv, and tests/conftest.py as a plugin (it lives outside notebooks/, so
+# pytest would not load it on its own; it skips cells tagged "cuda" on a machine without CUDA).
+NBVAL := -p tests.conftest -p no:cacheprovider --nbval-lax --nbval-current-env
+
+# lint -> unit -> nb, in that order, even under `make -j`.
+.NOTPARALLEL:
+.PHONY: help venv book book-fast unit nb lint test strip clean
+
+help:
+	@echo "make book       build the HTML book (executes every chapter; creates .venv first)"
+	@echo "make book-fast  build the HTML book without executing the notebooks"
+	@echo "make test       lint, unit tests, every notebook under nbval"
+	@echo "make unit | nb | lint | strip | clean | venv"
+	@echo "make nb NB=notebooks/02_top_k.ipynb   test one notebook"
+
+venv: $(VENV)
+
+# The venv directory is the target, so it is made once and remade only when requirements.txt
+# or pyproject.toml is newer. It is back-dated while the installs run, so a failed install is
+# retried by the next `make`. torch goes first in a pip call of its own: pinned and alone it
+# resolves to the local CPU wheel; left to the resolver of the big install it could pull a
+# multi-GB CUDA build.
+$(VENV): requirements.txt pyproject.toml
+	@test -d $@ || $(PYTHON3) -m venv $@
+	@touch -t 200001010000 $@
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	$(PIP) install -r requirements.txt
+	@touch $@
+
+book: venv
+	MOE_BOOK_STATIC=1 $(JB) build . -W --keep-going
+	@echo
+	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
+
+# jupyter-book 1.x has no command-line switch for execution and --config replaces (does not
+# merge with) _config.yml, so write a copy of _config.yml with execution off and build with it.
+# Notebooks render with no outputs (they are stored stripped); use it to check prose and layout.
+book-fast: venv
+	@mkdir -p _build
+	$(PY) -c 'import yaml; c = yaml.safe_load(open("_config.yml")); \
+	  c.setdefault("execute", {})["execute_notebooks"] = "off"; \
+	  yaml.safe_dump(c, open("_build/_config.noexec.yml", "w"), sort_keys=False)'
+	MOE_BOOK_STATIC=1 $(JB) build . --keep-going --config _build/_config.noexec.yml
+	@echo
+	@echo "Open the book (not executed): file://$(CURDIR)/_build/html/index.html"
+
+unit: venv
+	$(PY) -m pytest tests -q
+
+nb: venv
+	@if [ -z "$$(find $(NB) -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' 2>/dev/null)" ]; then \
+	  echo "nb: no notebooks under $(NB); nothing to test"; \
+	else \
+	  echo "$(PY) -m pytest $(NBVAL) $(NB) -q"; \
+	  $(PY) -m pytest $(NBVAL) $(NB) -q; \
+	fi
+
+lint: venv
+	$(RUFF) check $(wildcard moe_lib tests bench)
+
+test: lint unit nb
+
+strip: venv
+ifeq ($(NOTEBOOKS),)
+	@echo "strip: no notebooks yet"
+else
+	$(VENV)/bin/nbstripout $(NOTEBOOKS)
+endif
+
+clean:
+	rm -rf _build

@@ -1,0 +1,128 @@
+"""Checks on the chapters as files: the table of contents, stripped outputs, the set-up cell.
+
+These read the notebooks as JSON; they do not execute them (``make nb`` does that with nbval).
+While ``notebooks/`` holds no notebook yet, every test here is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+def _notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+def _toc_files(node: object) -> list[str]:
+    """Every ``file:`` entry of _toc.yml (root included), in order, at any depth."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if isinstance(node.get(key), str):
+                found.append(node[key])
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                found += _toc_files(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _toc_files(value)
+    return found
+
+
+def _source(cell: dict) -> str:
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else source
+
+
+@pytest.fixture(scope="module")
+def notebooks() -> dict[str, dict]:
+    paths = _notebook_paths()
+    if not paths:
+        pytest.skip("no notebooks in notebooks/ yet")
+    return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in paths}
+
+
+@pytest.fixture(scope="module")
+def toc_notebooks() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    return [f for f in _toc_files(toc) if f.startswith("notebooks/")]
+
+
+@pytest.fixture(scope="module")
+def repository_url() -> str:
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    url = config["repository"]["url"]
+    assert url.startswith("https://"), url
+    return url.rstrip("/")
+
+
+def test_every_toc_notebook_exists(notebooks, toc_notebooks):
+    assert toc_notebooks, "_toc.yml lists no notebooks/ entries"
+    missing = [
+        entry
+        for entry in toc_notebooks
+        if not (ROOT / entry).with_suffix(".ipynb").is_file() and not (ROOT / entry).is_file()
+    ]
+    assert not missing, f"listed in _toc.yml but not found: {missing}"
+
+
+def test_every_notebook_is_in_the_toc(notebooks, toc_notebooks):
+    listed = {Path(entry).with_suffix("").as_posix() for entry in toc_notebooks}
+    unlisted = [name for name in notebooks if f"notebooks/{Path(name).stem}" not in listed]
+    assert not unlisted, f"notebooks missing from _toc.yml: {unlisted}"
+
+
+def test_notebooks_are_stripped(notebooks):
+    """No outputs, execution counts or widget state are committed (run `make strip`)."""
+    dirty = []
+    for name, nb in notebooks.items():
+        for index, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            if cell.get("outputs"):
+                dirty.append(f"{name} cell {index}: outputs")
+            if cell.get("execution_count") is not None:
+                dirty.append(f"{name} cell {index}: execution_count")
+        if "widgets" in nb.get("metadata", {}):
+            dirty.append(f"{name}: widget state in the notebook metadata")
+    assert not dirty, "run `make strip`:\n" + "\n".join(dirty)
+
+
+def test_setup_cell_is_shared_and_installs_from_the_repository(notebooks, repository_url):
+    first_cells = {}
+    for name, nb in notebooks.items():
+        code = [_source(c) for c in nb["cells"] if c["cell_type"] == "code"]
+        assert code, f"{name} has no code cell"
+        first_cells[name] = code[0]
+
+    reference_name = min(first_cells)
+    reference = first_cells[reference_name]
+    different = [name for name, src in first_cells.items() if src != reference]
+    assert not different, (
+        f"the first code cell (the set-up cell) differs from {reference_name}'s in: {different}"
+    )
+    assert repository_url in reference, (
+        f"the set-up cell does not install from the repository in _config.yml ({repository_url})"
+    )
+
+
+def test_cuda_cells_are_not_executed_by_the_book_build(notebooks):
+    """A cell tagged "cuda" must also be tagged "skip-execution".
+
+    nbval skips "cuda" cells on a machine without CUDA (tests/conftest.py), but the book build
+    (myst-nb, on a CPU) executes every cell except those tagged "skip-execution".
+    """
+    untagged = []
+    for name, nb in notebooks.items():
+        for index, cell in enumerate(nb["cells"]):
+            tags = cell.get("metadata", {}).get("tags", [])
+            if "cuda" in tags and "skip-execution" not in tags:
+                untagged.append(f"{name} cell {index}")
+    assert not untagged, f"tagged 'cuda' but not 'skip-execution': {untagged}"
