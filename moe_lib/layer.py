@@ -86,9 +86,10 @@ class MoE(nn.Module):
         check_positive_int("d_model", d_model)
         check_positive_int("d_hidden", d_hidden)
         check_positive_int("num_experts", num_experts)
-        check_int_range("top_k", top_k, 1, num_experts)
-        check_choice("expert", expert, EXPERT_KINDS)
         check_choice("router", router, ROUTER_KINDS)
+        if router != "dense":  # the dense router uses every expert; top_k does not apply
+            check_int_range("top_k", top_k, 1, num_experts)
+        check_choice("expert", expert, EXPERT_KINDS)
         if capacity_factor is not None:
             check_positive("capacity_factor", capacity_factor)
         check_choice("balance_loss", balance_loss, BALANCE_LOSSES)
