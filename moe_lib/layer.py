@@ -60,7 +60,9 @@ class MoE(nn.Module):
         z_loss_coef: weight of the ST-MoE router z-loss (1e-3 in the paper), >= 0.
         dispatch: "loop" (reference) | "sorted" (fast); identical results.
         weighting: how top-k weights are normalised (see :func:`moe_lib.routing.topk_weights`);
-            None: "renormalize" for "topk", "topk_softmax" for "noisy_topk".
+            None: "raw" when top_k == 1 (Switch: a renormalised single weight is always 1, so
+            the task loss would give the router no gradient), else "renormalize" for "topk"
+            and "topk_softmax" for "noisy_topk".
         jitter_eps: Switch router jitter (``router="topk"`` only), >= 0.
         noise_scale: multiplies the learned noise of ``router="noisy_topk"``, >= 0.
     """
@@ -114,6 +116,8 @@ class MoE(nn.Module):
         )
         self.z_loss_coef = float(z_loss_coef)
         self.dispatch = dispatch
+        if weighting is None and top_k == 1:
+            weighting = "raw"
         if router == "dense":
             self.router: DenseRouter = DenseRouter(d_model, num_experts)
         elif router == "topk":
