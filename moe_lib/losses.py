@@ -1,6 +1,6 @@
 """Auxiliary losses computed from a Routing record (they never re-run the router).
 
-All return float32 scalars and are unweighted; the layer multiplies by its coefficients.
+All return float32 scalars (float64 for a float64 router) and are unweighted; the layer multiplies by its coefficients.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def cv_squared(v: Tensor) -> Tensor:
     Shazeer et al. use CV^2 rather than CV: its gradient is finite (zero) at perfect balance,
     where the gradient of CV = std / mean is not defined.
     """
-    v = v.float()
+    v = v.to(torch.promote_types(v.dtype, torch.float32))
     if v.numel() <= 1:
         return v.new_zeros(())
     return v.var(unbiased=False) / (v.mean() ** 2 + _EPS)
@@ -71,7 +71,7 @@ def switch_loss(routing: Routing) -> Tensor:
     probability of expert i. Under perfectly uniform routing the loss is k (1 for Switch, k = 1).
     """
     T = routing.num_tokens
-    f = routing.chosen_counts().float() / T  # [E]
+    f = routing.chosen_counts().to(routing.probs.dtype) / T  # [E]
     p = routing.probs.mean(dim=0)  # [E]
     return routing.num_experts * torch.sum(f * p)
 

@@ -1,7 +1,7 @@
 """Routers and the ``Routing`` record they return.
 
 Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. Router maths runs
-in float32 whatever the input dtype (as in Switch and Mixtral). Capacity is applied afterwards
+in float32 for float32 and narrower inputs (as in Switch and Mixtral), in float64 for float64. Capacity is applied afterwards
 by :func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment.
 """
 
@@ -30,7 +30,7 @@ class Routing:
     Shapes (``T`` tokens, ``E`` experts, ``k`` assignments per token):
 
     - ``expert_ids: [T, k]`` int64, slot 0 is each token's first choice.
-    - ``weights: [T, k]`` float32 gate weights as the router computed them (before capacity).
+    - ``weights: [T, k]`` float32 (float64 for float64 input) gate weights as the router computed them (before capacity).
     - ``probs: [T, E]`` float32 softmax of the clean router logits.
     - ``logits: [T, E]`` float32 clean router logits (no noise).
     - ``kept: [T, k]`` bool, False where capacity dropped the assignment.
@@ -89,6 +89,11 @@ class Routing:
         return replace(self, kept=kept, tokens_per_expert=counts)
 
 
+def router_dtype(x: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 input, float64 for float64: never narrower than float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def make_routing(
     expert_ids: Tensor,
     weights: Tensor,
@@ -145,8 +150,9 @@ class DenseRouter(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
     def logits(self, x: Tensor) -> Tensor:
-        """Clean router logits ``[T, E]`` in float32."""
-        return F.linear(x.float(), self.gate.weight.float())
+        """Clean router logits ``[T, E]`` in float32 (float64 for float64 input)."""
+        dtype = router_dtype(x)
+        return F.linear(x.to(dtype), self.gate.weight.to(dtype))
 
     def forward(self, x: Tensor) -> Routing:
         z = self.logits(x)
@@ -180,8 +186,8 @@ class TopKRouter(DenseRouter):
 
     def forward(self, x: Tensor) -> Routing:
         if self.training and self.jitter_eps > 0:
-            noise = torch.empty_like(x, dtype=torch.float32)
-            x = x.float() * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            noise = torch.empty_like(x, dtype=router_dtype(x))
+            x = x.to(noise.dtype) * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         z = self.logits(x)
         ids, w = topk_weights(z, self.top_k, self.weighting)
         return make_routing(ids, w, z)
@@ -214,7 +220,8 @@ class NoisyTopKRouter(TopKRouter):
         if not self.training or self.noise_scale == 0:
             ids, w = topk_weights(z, self.top_k, self.weighting)
             return make_routing(ids, w, z)
-        std = F.softplus(F.linear(x.float(), self.noise.weight.float())) * self.noise_scale
+        dtype = router_dtype(x)
+        std = F.softplus(F.linear(x.to(dtype), self.noise.weight.to(dtype))) * self.noise_scale
         h = z + torch.randn_like(z) * std  # [T, E]
         ids, w = topk_weights(h, self.top_k, self.weighting)
         return make_routing(ids, w, z, noisy_logits=h, noise_std=std)

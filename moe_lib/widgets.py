@@ -21,6 +21,13 @@ from matplotlib.figure import Figure
 STATIC_ENV = "MOE_BOOK_STATIC"
 
 
+def _check_values(values: Sequence[object], start: int) -> None:
+    if len(values) == 0:
+        raise ValueError("values must hold at least one slider value")
+    if not 0 <= start < len(values):
+        raise ValueError(f"start must be in [0, {len(values) - 1}], got {start}")
+
+
 def figure_png(fig: Figure, dpi: int = 90) -> str:
     """The figure as a base64 PNG string (the figure is closed)."""
     buf = io.BytesIO()
@@ -33,8 +40,7 @@ def static_slider_html(
     draw: Callable[[object], Figure], values: Sequence[object], name: str, start: int = 0
 ) -> str:
     """HTML with one precomputed frame per value and a range input that switches between them."""
-    if len(values) == 0:
-        raise ValueError("values must hold at least one slider value")
+    _check_values(values, start)
     uid = "moe-slider-" + uuid.uuid4().hex[:8]
     frames = [figure_png(draw(v)) for v in values]
     imgs = "".join(
@@ -64,6 +70,7 @@ def slider(
     """Show ``draw(value)`` with a slider over ``values``: live in Jupyter, precomputed in the book."""
     from IPython.display import HTML, display
 
+    _check_values(values, start)
     if os.environ.get(STATIC_ENV):
         display(HTML(static_slider_html(draw, values, name, start)))
         return
