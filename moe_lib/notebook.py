@@ -21,6 +21,8 @@ def setup(seed: int = 0) -> tuple[torch.device, bool]:
 
     Returns ``(device, full)``: ``device`` is CUDA when present, else CPU; ``full`` is True on
     CUDA (chapters scale their sizes up) unless the environment sets ``MOE_BOOK_QUICK=1``.
+    On a CPU, PyTorch gets ``MOE_BOOK_THREADS`` threads (default 1): the chapters' models are
+    small, and extra intra-op threads only add overhead (10x and more on a busy machine).
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -28,8 +30,10 @@ def setup(seed: int = 0) -> tuple[torch.device, bool]:
     seed_everything(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full = device.type == "cuda" and not os.environ.get("MOE_BOOK_QUICK")
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("MOE_BOOK_THREADS", "1")))
     sns.set_theme(context="notebook", style="whitegrid")
     plt.rcParams["figure.dpi"] = 90
     print(f"moe_lib set-up: device={device}, full sizes={full}, seed={seed}, "
-          f"torch {torch.__version__}")
+          f"threads={torch.get_num_threads()}, torch {torch.__version__}")
     return device, full
