@@ -1,7 +1,8 @@
 # The MoE book: set-up, build and test.
 #
 #   make book       create .venv (first time only), install, execute and render the HTML book
-#   make test       lint + unit tests + every notebook under nbval
+#   make test       lint + unit tests + every notebook under nbval + the book build (-W) +
+#                   the rendered pages checked in headless Chromium
 #
 # Every target works from a fresh clone: the ones that need Python depend on `venv`.
 
@@ -27,13 +28,13 @@ NBVAL := -p tests.conftest -p no:cacheprovider --nbval-lax --nbval-current-env
 
 # lint -> unit -> nb, in that order, even under `make -j`.
 .NOTPARALLEL:
-.PHONY: help venv book book-fast unit nb lint test strip clean
+.PHONY: help venv book book-fast unit nb lint test browser browser-deps strip clean
 
 help:
 	@echo "make book       build the HTML book (executes every chapter; creates .venv first)"
 	@echo "make book-fast  build the HTML book without executing the notebooks"
-	@echo "make test       lint, unit tests, every notebook under nbval"
-	@echo "make unit | nb | lint | strip | clean | venv"
+	@echo "make test       lint, unit tests, nbval over every notebook, book build, browser check"
+	@echo "make unit | nb | lint | browser | strip | clean | venv"
 	@echo "make nb NB=notebooks/02_top_k.ipynb   test one notebook"
 
 venv: $(VENV)
@@ -69,7 +70,17 @@ book-fast: venv
 	@echo "Open the book (not executed): file://$(CURDIR)/_build/html/index.html"
 
 unit: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/browser
+
+# The rendered book in headless Chromium (Debian's package, driven by Playwright; no browser
+# download). Needs `make book` first; screenshots go to _build/screenshots/.
+browser: venv browser-deps
+	$(PY) -m pytest tests/browser -q -p no:cacheprovider
+
+browser-deps:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing Debian's chromium (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 nb: venv
 	@if [ -z "$$(find $(NB) -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' 2>/dev/null)" ]; then \
@@ -82,7 +93,19 @@ nb: venv
 lint: venv
 	$(RUFF) check $(wildcard moe_lib tests bench)
 
-test: lint unit nb
+# The chapters run twice: under nbval (the asserts are the checks) and in the book build (-W:
+# warnings are errors). Each kernel uses one CPU thread (the set-up cell), so on a 2-core machine
+# the two run side by side; the build's log goes to _build/book.log. Then the browser checks.
+test: lint unit
+	@mkdir -p _build
+	@$(MAKE) --no-print-directory book >_build/book.log 2>&1 & book_pid=$$!; \
+	  $(MAKE) --no-print-directory nb; nb_status=$$?; \
+	  wait $$book_pid; book_status=$$?; \
+	  echo "---- make book (last lines of _build/book.log) ----"; tail -n 25 _build/book.log; \
+	  if [ $$nb_status -ne 0 ]; then echo "make test: nbval failed"; fi; \
+	  if [ $$book_status -ne 0 ]; then echo "make test: the book build failed (_build/book.log)"; fi; \
+	  [ $$nb_status -eq 0 ] && [ $$book_status -eq 0 ]
+	@$(MAKE) --no-print-directory browser
 
 strip: venv
 ifeq ($(NOTEBOOKS),)
