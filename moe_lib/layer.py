@@ -56,7 +56,8 @@ class MoE(nn.Module):
         router: "dense" (every expert runs) | "topk" | "noisy_topk".
         capacity_factor: None for dropless, or a float > 0: C = ceil(cf * tokens * k / E).
         balance_loss: None | "switch" | "importance" (Shazeer's importance + smooth load losses).
-        balance_coef: weight of the balance loss; None picks 1e-2 for "switch", 1e-1 for "importance".
+        balance_coef: weight of the balance loss; None picks 1e-2 for "switch", 1e-1 for
+            "importance".
         z_loss_coef: weight of the ST-MoE router z-loss (1e-3 in the paper), >= 0.
         dispatch: "loop" (reference) | "sorted" (fast); identical results.
         weighting: how top-k weights are normalised (see :func:`moe_lib.routing.topk_weights`);

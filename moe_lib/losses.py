@@ -1,6 +1,7 @@
 """Auxiliary losses computed from a Routing record (they never re-run the router).
 
-All return float32 scalars (float64 for a float64 router) and are unweighted; the layer multiplies by its coefficients.
+All return float32 scalars (float64 for a float64 router) and are unweighted; the layer
+multiplies them by its coefficients.
 """
 
 from __future__ import annotations
@@ -82,6 +83,6 @@ def z_loss(routing: Routing) -> Tensor:
 
 
 def load_cv(routing: Routing) -> float:
-    """Coefficient of variation of the kept tokens per expert (a statistic for tables, not a loss)."""
+    """Coefficient of variation of the kept tokens per expert (for tables, not a loss)."""
     counts = routing.tokens_per_expert.float()
     return float(counts.std(unbiased=False) / counts.mean().clamp_min(_EPS))

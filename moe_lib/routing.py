@@ -1,8 +1,9 @@
 """Routers and the ``Routing`` record they return.
 
 Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. Router maths runs
-in float32 for float32 and narrower inputs (as in Switch and Mixtral), in float64 for float64. Capacity is applied afterwards
-by :func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment.
+in float32 for float32 and narrower inputs (as in Switch and Mixtral), in float64 for float64.
+Capacity is applied afterwards by :func:`moe_lib.capacity.apply_capacity`; a router alone keeps
+every assignment.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Routing:
     Shapes (``T`` tokens, ``E`` experts, ``k`` assignments per token):
 
     - ``expert_ids: [T, k]`` int64, slot 0 is each token's first choice.
-    - ``weights: [T, k]`` float32 (float64 for float64 input) gate weights as the router computed them (before capacity).
+    - ``weights: [T, k]`` float32 (float64 for float64 input) gate weights as the router
+      computed them (before capacity).
     - ``probs: [T, E]`` float32 softmax of the clean router logits.
     - ``logits: [T, E]`` float32 clean router logits (no noise).
     - ``kept: [T, k]`` bool, False where capacity dropped the assignment.

@@ -67,7 +67,10 @@ def static_slider_html(
 def slider(
     draw: Callable[[object], Figure], values: Sequence[object], name: str, start: int = 0
 ) -> None:
-    """Show ``draw(value)`` with a slider over ``values``: live in Jupyter, precomputed in the book."""
+    """Show ``draw(value)`` with a slider over ``values``.
+
+    Live (ipywidgets) in Jupyter and Colab; precomputed frames when ``MOE_BOOK_STATIC`` is set.
+    """
     from IPython.display import HTML, display
 
     _check_values(values, start)

@@ -1,0 +1,165 @@
+"""A small pre-norm transformer whose FFN blocks are MoE layers (or dense, for baselines).
+
+One model serves two heads: a causal byte-level language model (``task="lm"``) and a sequence
+classifier (``task="classify"``: mean-pool the final states, then a linear head, as in the Keras
+Switch Transformer text-classification example).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lib.checks import check_choice, check_positive_int
+from moe_lib.experts import FeedForward
+from moe_lib.layer import MoE
+from moe_lib.routing import Routing
+
+
+@dataclass
+class TransformerConfig:
+    """Sizes and FFN choice. ``ffn="moe"`` uses ``MoE(**moe)``; ``ffn="dense"`` a SwiGLU FFN of
+    hidden ``d_hidden`` (for the same active parameters as an MoE of hidden h and top-k, pass
+    ``d_hidden = k * h``; for the same total, ``E * h``)."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_hidden: int = 128
+    ffn: str = "moe"
+    task: str = "lm"
+    num_classes: int = 0
+    dropout: float = 0.0
+    moe: dict = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_hidden"):
+            check_positive_int(name, getattr(self, name))
+        check_choice("ffn", self.ffn, ("moe", "dense"))
+        check_choice("task", self.task, ("lm", "classify"))
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.task == "classify":
+            check_positive_int("num_classes", self.num_classes)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelOutput:
+    """``logits``: ``[B, S, vocab]`` (lm) or ``[B, classes]``; ``aux_loss``: summed over MoE layers;
+    ``routings``: one Routing per MoE layer (empty for a dense model)."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    routings: list[Routing]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.causal = cfg.task == "lm"
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # (B, S, D) each
+        q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+        # y: (B, h, S, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + ffn(ln(x)).
+
+    Tokens that MoE capacity drops pass through on the residual.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        if cfg.ffn == "moe":
+            moe = {"d_hidden": cfg.d_hidden, **cfg.moe}
+            self.ffn: nn.Module = MoE(cfg.d_model, **moe)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.d_hidden, "swiglu")
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Routing | None]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoE):
+            out = self.ffn(h)
+            return x + self.drop(out.y), out.aux_loss, out.routing
+        return x + self.drop(self.ffn(h)), None, None
+
+
+class Transformer(nn.Module):
+    """Token + position embeddings, ``n_layers`` blocks, final LayerNorm, LM or classifier head."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        out = cfg.vocab_size if cfg.task == "lm" else cfg.num_classes
+        self.head = nn.Linear(cfg.d_model, out, bias=cfg.task == "classify")
+
+    def forward(self, idx: Tensor) -> ModelOutput:
+        """``idx: [B, S]`` int64 token ids, S <= seq_len."""
+        if idx.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise TypeError(f"idx must hold integer token ids, got dtype={idx.dtype}")
+        B, S = idx.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {S} exceeds seq_len={self.cfg.seq_len}")
+        x = self.tok(idx.long()) + self.pos(torch.arange(S, device=idx.device))  # (B, S, D)
+        aux = torch.zeros((), device=idx.device)
+        routings: list[Routing] = []
+        for block in self.blocks:
+            x, block_aux, routing = block(x)
+            if routing is not None:
+                aux = aux + block_aux
+                routings.append(routing)
+        x = self.ln_f(x)
+        if self.cfg.task == "classify":
+            x = x.mean(dim=1)  # (B, D) global average pooling
+        return ModelOutput(logits=self.head(x), aux_loss=aux, routings=routings)
+
+
+def ffn_parameter_counts(model: Transformer) -> dict[str, int]:
+    """Parameters in the FFN blocks: ``total`` (all experts) and ``active`` (used per token).
+
+    For an MoE block: active = router + top_k experts; total = router + all experts.
+    The router counts in both. Attention, embeddings and norms are not counted.
+    """
+    total = active = 0
+    for block in model.blocks:
+        ffn = block.ffn
+        n = sum(p.numel() for p in ffn.parameters())
+        if isinstance(ffn, MoE):
+            router = sum(p.numel() for p in ffn.router.parameters())
+            per_expert = (n - router) // ffn.num_experts
+            total += n
+            active += router + ffn.top_k * per_expert
+        else:
+            total += n
+            active += n
+    return {"total": total, "active": active}

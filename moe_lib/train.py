@@ -1,0 +1,108 @@
+"""A minimal training loop: AdamW, aux losses added, periodic evaluation, tqdm progress,
+history as a pandas DataFrame and routing statistics per layer per step for heatmaps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from moe_lib.checks import check_nonnegative, check_positive, check_positive_int
+from moe_lib.models import ModelOutput, Transformer
+from moe_lib.notebook import seed_everything
+
+Batch = tuple[Tensor, Tensor]
+
+
+def task_loss(out: ModelOutput, y: Tensor) -> Tensor:
+    """Cross-entropy: per byte for a language model (``y: [B, S]``), per sequence (``y: [B]``)
+    for a classifier."""
+    return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1))
+
+
+@dataclass
+class TrainResult:
+    """``history``: one row per step (``step, loss, aux_loss``; ``val_loss`` on evaluation steps).
+    ``expert_share``: ``[steps, layers, E]`` share of kept assignments per expert at each step.
+    ``dropped``: ``[steps, layers]`` fraction of assignments dropped by capacity."""
+
+    history: pd.DataFrame
+    expert_share: Tensor
+    dropped: Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[Batch], device: torch.device | str) -> float:
+    """Mean task loss over ``batches`` in eval mode (aux losses excluded)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        total += float(task_loss(model(x.to(device)), y.to(device)))
+    model.train(was_training)
+    return total / max(len(batches), 1)
+
+
+def train(
+    model: Transformer,
+    next_batch: Callable[[int], Batch],
+    steps: int,
+    lr: float = 3e-3,
+    eval_batches: list[Batch] | None = None,
+    eval_every: int = 50,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` for ``steps`` steps; ``next_batch(step) -> (x, y)`` supplies the data.
+
+    The loss minimised is task loss + the model's aux loss (balancing and z losses, already
+    weighted by each MoE layer). ``eval_batches`` are evaluated every ``eval_every`` steps and
+    after the last step. The learning rate warms up linearly over the first 5% of steps.
+    """
+    check_positive_int("steps", steps)
+    check_positive("lr", lr)
+    check_positive_int("eval_every", eval_every)
+    check_nonnegative("weight_decay", weight_decay)
+    import time
+
+    seed_everything(seed)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    rows, shares, dropped = [], [], []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        x, y = (t.to(device) for t in next_batch(step))
+        out = model(x)
+        loss = task_loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        (loss + out.aux_loss).backward()
+        opt.step()
+        sched.step()
+        row = {"step": step, "loss": loss.item(), "aux_loss": out.aux_loss.item()}
+        if out.routings:
+            counts = torch.stack([r.tokens_per_expert for r in out.routings]).float()  # [L, E]
+            shares.append((counts / counts.sum(1, keepdim=True).clamp_min(1)).cpu())
+            dropped.append(torch.tensor([r.dropped / r.kept.numel() for r in out.routings]))
+        if eval_batches and (step % eval_every == 0 or step == steps - 1):
+            row["val_loss"] = evaluate(model, eval_batches, device)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_loss']:.3f}")
+        rows.append(row)
+    model.eval()
+    return TrainResult(
+        history=pd.DataFrame(rows),
+        expert_share=torch.stack(shares) if shares else torch.empty(0),
+        dropped=torch.stack(dropped) if dropped else torch.empty(0),
+        seconds=time.perf_counter() - start,
+    )
