@@ -1,10 +1,12 @@
 """Expert feed-forward networks: ReLU, GELU and SwiGLU, one expert or a bank of E experts.
 
 Weights are cast to the input's dtype in the forward (a no-op when they already match), so a
-float32 layer accepts bfloat16 tokens and returns bfloat16. A bank stores the weights of all E experts stacked (``w_in: [E, d_model, h_in]``,
-``w_out: [E, d_hidden, d_model]``) so that a grouped GEMM can read them in one call, and
-splits them with ``unbind`` once per forward so that a per-expert loop does not build a
-full-size gradient for every expert it indexes.
+float32 layer accepts bfloat16 tokens and returns bfloat16. A bank stores the weights of all E
+experts stacked (``w_in: [E, d_model, h_in]``, ``w_out: [E, d_hidden, d_model]``) so that a
+grouped GEMM can read them in one call: the fast path (:meth:`ExpertBank.forward_slices`,
+:func:`grouped_matmul`) writes the gradient of all E experts into one ``[E, ...]`` buffer, where
+indexing ``w_in[e]`` in a Python loop would make the backward pass build a full-size gradient
+for every expert it indexes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _uniform_(w: Tensor, fan_in: int) -> Tensor:
 
 
 class FeedForward(nn.Module):
-    """One dense FFN ``x: [n, d_model] -> [n, d_model]``; the dense baseline and bound for an MoE."""
+    """One dense FFN ``x: [n, d_model] -> [n, d_model]``: the dense baseline and bound for MoE."""
 
     def __init__(self, d_model: int, d_hidden: int, kind: str = "swiglu") -> None:
         super().__init__()
@@ -95,7 +97,7 @@ class ExpertBank(nn.Module):
         return expert_activation(x @ w_in, self.kind) @ w_out
 
     def forward_all(self, x: Tensor) -> Tensor:
-        """Run every expert on every token: ``x: [n, d_model] -> [E, n, d_model]`` (dense gating)."""
+        """Every expert on every token: ``x: [n, d_model] -> [E, n, d_model]`` (dense gating)."""
         h = torch.matmul(x.unsqueeze(0), self.w_in.to(x.dtype))  # [E, n, h_in]
         return torch.matmul(expert_activation(h, self.kind), self.w_out.to(x.dtype))  # [E, n, d]
 
@@ -104,15 +106,128 @@ class ExpertBank(nn.Module):
 
         ``x_sorted: [n, d_model]`` holds the rows for expert 0, then expert 1, ...;
         ``counts[e]`` rows each (``sum(counts) == n``). Returns ``[n, d_model]`` in the same order.
+
+        Each projection is one grouped GEMM (:func:`grouped_matmul`) that writes every expert's
+        rows into one buffer, so the non-linearity runs once over all ``n`` rows, as in a dense
+        FFN, and nothing is concatenated. SwiGLU's backward writes the gate and up gradients
+        straight into one ``[n, 2 * d_hidden]`` buffer (:class:`_SwiGLU`).
         """
-        # unbind: one backward node for all experts, not a full-size gradient per indexed expert
-        w_in = self.w_in.to(x_sorted.dtype).unbind(0)
-        w_out = self.w_out.to(x_sorted.dtype).unbind(0)
-        outs = []
-        for e, rows in enumerate(x_sorted.split(counts, dim=0)):
-            if rows.shape[0] == 0:
-                continue
-            outs.append(expert_activation(rows @ w_in[e], self.kind) @ w_out[e])
-        if not outs:
-            return x_sorted.new_zeros(0, self.d_model)
-        return torch.cat(outs, dim=0)
+        dtype = x_sorted.dtype
+        h = grouped_matmul(x_sorted, self.w_in.to(dtype), counts)  # [n, h_in]
+        act = _SwiGLU.apply(h) if self.kind == "swiglu" else expert_activation(h, self.kind)
+        return grouped_matmul(act, self.w_out.to(dtype), counts)  # [n, d_model]
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``[gate | up]: [n, 2h] -> silu(gate) * up: [n, h]``, the same values as
+    :func:`expert_activation`, with a backward that writes both halves of the gradient into one
+    ``[n, 2h]`` buffer (autograd's ``chunk`` backward concatenates them: one more full pass).
+
+    d up = g * silu(gate); d gate = g * up * silu'(gate). Saves ``h`` and ``silu(gate)``, as
+    autograd does.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(h, s)
+        return s * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        h, s = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # no out= into strided views; the compiler fuses this
+            d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            return torch.cat([d_gate, grad * s], dim=-1)
+        grad_h = torch.empty_like(h)  # [n, 2h]
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)  # views: written in place
+        torch.mul(grad, s, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_h
+
+
+class _SliceMatmul(torch.autograd.Function):
+    """``out[rows of e] = x[rows of e] @ w[e]``, one ``torch.mm`` per expert into one buffer.
+
+    Backward: ``dx[rows of e] = dout[rows of e] @ w[e]^T`` and ``dw[e] = x[rows of e]^T @ dout[rows
+    of e]``, each written in place into ``[n, K]`` and ``[E, K, N]`` buffers (zero for an expert
+    with no rows): no per-expert gradient is stacked or concatenated afterwards.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[-1])  # [n, N]
+        for e, (xe, oe) in enumerate(zip(x.split(counts), out.split(counts), strict=True)):
+            if xe.shape[0]:
+                torch.mm(xe, w[e], out=oe)
+        ctx.counts = counts
+        ctx.save_for_backward(x, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, w = ctx.saved_tensors
+        counts = ctx.counts
+        grad_x = grad_w = None
+        g_slices = grad.split(counts)
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)  # [n, K]
+            for e, (ge, gxe) in enumerate(zip(g_slices, grad_x.split(counts), strict=True)):
+                if ge.shape[0]:
+                    torch.mm(ge, w[e].t(), out=gxe)
+        if ctx.needs_input_grad[1]:
+            grad_w = w.new_empty(w.shape)  # [E, K, N]
+            for e, (xe, ge) in enumerate(zip(x.split(counts), g_slices, strict=True)):
+                if xe.shape[0]:
+                    torch.mm(xe.t(), ge, out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+        return grad_x, grad_w, None
+
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_works(x: Tensor, w: Tensor) -> bool:
+    """Whether to use ``torch._grouped_mm``: bfloat16 on a Hopper or Blackwell GPU only.
+
+    There it is one CUTLASS kernel for all experts. Elsewhere (other dtypes, other GPUs, CPUs)
+    torch falls back to a loop of one GEMM per group, as :class:`_SliceMatmul` does, and on a CPU
+    it was measured no faster (``bench/dispatch.py``). Probed once per device, then cached.
+    """
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or w.dtype != x.dtype:
+        return False
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    key = (str(x.device), x.dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        if ok:
+            try:  # the kernel may be missing from this build
+                a = torch.zeros(32, 16, device=x.device, dtype=x.dtype)
+                b = torch.zeros(2, 16, 16, device=x.device, dtype=x.dtype)
+                offs = torch.tensor([16, 32], device=x.device, dtype=torch.int32)
+                torch._grouped_mm(a, b, offs=offs)
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+def grouped_matmul(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+    """``x: [n, K]`` rows grouped by expert (``counts[e]`` rows each), ``w: [E, K, N] -> [n, N]``.
+
+    In bfloat16 on a Hopper/Blackwell GPU, one ``torch._grouped_mm`` call (one kernel for all
+    experts); otherwise, and always on a CPU, one GEMM per expert on its contiguous slice.
+    """
+    if x.shape[0] > 0 and _grouped_mm_works(x, w):
+        try:
+            ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [E]
+            offs = ends.to(x.device, non_blocking=True)
+            return torch._grouped_mm(x, w, offs=offs)
+        except RuntimeError:  # a shape or alignment the kernel refuses: fall through
+            pass
+    return _SliceMatmul.apply(x, w, counts)
