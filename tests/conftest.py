@@ -20,6 +20,17 @@ import pytest
 CUDA_TAG = "cuda"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Unit tests use tiny tensors: extra intra-op threads only cost time (10x on a busy box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import matplotlib
 

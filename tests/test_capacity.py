@@ -12,14 +12,6 @@ from moe_lib.routing import make_routing
 
 FAST = settings(max_examples=40, deadline=None, database=None)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 FACTORS = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0]
 
 

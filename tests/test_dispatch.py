@@ -15,14 +15,6 @@ from moe_lib.routing import make_routing, topk_weights
 FAST = settings(max_examples=30, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def manual_moe(layer, x, routing):
     """y_t = sum_j kept_tj * w_tj * E_{e_tj}(x_t), one token and one slot at a time."""

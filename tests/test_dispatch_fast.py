@@ -23,15 +23,6 @@ from moe_lib.permute import gather_sum, make_permutation, permute, unpermute_com
 from moe_lib.routing import make_routing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: intra-op threads only cost time on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_routing(T, E, k, seed=0, drop=None, dtype=torch.float32):
     """A top-k routing of T tokens; ``drop``: fraction of copies marked dropped."""
     g = torch.Generator().manual_seed(seed)

@@ -13,14 +13,6 @@ FAST = settings(max_examples=30, deadline=None, database=None)
 KINDS = ["relu", "gelu", "swiglu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def bank(kind: str, E: int = 3) -> ExpertBank:
     torch.manual_seed(0)

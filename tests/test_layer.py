@@ -7,16 +7,6 @@ import torch
 
 from moe_lib import MoE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 D, H, E, K = 8, 12, 4, 2
 COMBOS = list(itertools.product(["relu", "gelu", "swiglu"], ["dense", "topk", "noisy_topk"],
                                 ["loop", "sorted"]))

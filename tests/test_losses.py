@@ -13,14 +13,6 @@ from moe_lib.routing import make_routing
 FAST = settings(max_examples=30, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def balanced_routing(T: int, E: int, k: int, logits: torch.Tensor | None = None):
     """Token t goes to experts t, t+1, ..., t+k-1 (mod E): every expert gets T*k/E assignments."""

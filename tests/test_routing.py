@@ -14,14 +14,6 @@ from moe_lib.routing import DenseRouter, make_routing, topk_weights
 FAST = settings(max_examples=40, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only cost time (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @st.composite
 def logits_and_k(draw):
