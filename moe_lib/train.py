@@ -81,7 +81,10 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     rows, shares, dropped = [], [], []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    # At most one refresh a second: in a notebook each refresh is a widget message, and a long
+    # cell that sends more than ~1000 of them overflows the kernel's IOPub queue (nbval then
+    # misses the end of the cell and fails it).
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
     for step in bar:
         x, y = (t.to(device) for t in next_batch(step))
         out = model(x)

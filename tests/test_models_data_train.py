@@ -34,7 +34,6 @@ from moe_lib.train import evaluate, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.fixture(scope="module")
 def bench_module():
     """bench/moe_vs_dense.py, imported from the repository root."""
@@ -310,7 +309,11 @@ def test_bench_configs_match_active_and_total(bench_module):
 def test_bench_run_and_summary(bench_module):
     s = dict(bench_module.QUICK, d_model=16, n_layers=1, n_heads=2, h=8, seq_len=16, batch=4,
              steps=2, max_bytes=20_000, eval_batches=2)
-    results = bench_module.run(s, [0, 1], "cpu", progress=False)
+    kept: dict = {}
+    results = bench_module.run(s, [0, 1], "cpu", progress=False, keep=kept)
+    names = ("moe", "dense_active", "dense_total")
+    assert set(kept) == {(m, seed) for m in names for seed in (0, 1)}
+    assert all(isinstance(m, Transformer) and not m.training for m in kept.values())
     assert len(results) == 6 and {r["model"] for r in results} == {"moe", "dense_active",
                                                                      "dense_total"}
     for r in results:
