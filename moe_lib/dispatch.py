@@ -65,10 +65,11 @@ def dispatch_sorted(x: Tensor, routing: Routing, experts: ExpertBank) -> Tensor:
     """Fast dispatch: permute token copies by expert, run contiguous slices, unpermute, combine.
 
     ``x: [T, d_model] -> [T, d_model]``. Three steps, each with a hand-written backward
-    (:mod:`moe_lib.permute`, :func:`moe_lib.experts.grouped_matmul`):
+    (:mod:`moe_lib.permute`, :meth:`moe_lib.experts.ExpertBank.forward_slices`):
 
     1. ``xs = x[src]``: the ``n`` kept copies sorted by expert (``[n, d_model]``);
-    2. one grouped GEMM per projection over the contiguous slices (``[n, d_model]``);
+    2. every expert on its contiguous slice (``[n, d_model]``): block by block on a CPU, one
+       grouped GEMM per projection on a GPU;
     3. ``y[t] = sum_j w[t, j] * out[pos[t, j]]``: unpermute and combine in one weighted gather.
 
     The only host synchronisation is ``counts`` (the slice sizes) in :func:`sort_by_expert`.

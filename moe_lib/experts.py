@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lib.checks import check_choice, check_positive_int
+from moe_lib.fused_experts import expert_mlp
 
 EXPERT_KINDS = ("relu", "gelu", "swiglu")
 
@@ -107,15 +108,24 @@ class ExpertBank(nn.Module):
         ``x_sorted: [n, d_model]`` holds the rows for expert 0, then expert 1, ...;
         ``counts[e]`` rows each (``sum(counts) == n``). Returns ``[n, d_model]`` in the same order.
 
-        Each projection is one grouped GEMM (:func:`grouped_matmul`) that writes every expert's
-        rows into one buffer, so the non-linearity runs once over all ``n`` rows, as in a dense
-        FFN, and nothing is concatenated. SwiGLU's backward writes the gate and up gradients
-        straight into one ``[n, 2 * d_hidden]`` buffer (:class:`_SwiGLU`).
+        Chosen per device by measurement (``bench/dispatch.py``):
+
+        - CPU, eager: :func:`moe_lib.fused_experts.expert_mlp` runs the whole FFN block by block
+          (GEMM, activation, GEMM on each block of an expert's rows), which saves the full-size
+          round trips of the activation and its gradients;
+        - GPU, or under ``torch.compile``: each projection is one grouped GEMM
+          (:func:`grouped_matmul`: one ``torch._grouped_mm`` kernel in bfloat16 on Hopper or
+          Blackwell) that writes every expert's rows into one buffer, and the non-linearity runs
+          once over all ``n`` rows. SwiGLU's backward writes the gate and up gradients straight
+          into one ``[n, 2 * d_hidden]`` buffer (:class:`_SwiGLU`).
         """
         dtype = x_sorted.dtype
-        h = grouped_matmul(x_sorted, self.w_in.to(dtype), counts)  # [n, h_in]
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        if x_sorted.device.type == "cpu" and not torch.compiler.is_compiling():
+            return expert_mlp(x_sorted, w_in, w_out, counts, self.kind)
+        h = grouped_matmul(x_sorted, w_in, counts)  # [n, h_in]
         act = _SwiGLU.apply(h) if self.kind == "swiglu" else expert_activation(h, self.kind)
-        return grouped_matmul(act, self.w_out.to(dtype), counts)  # [n, d_model]
+        return grouped_matmul(act, w_out, counts)  # [n, d_model]
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -170,17 +180,16 @@ class _SliceMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = x.new_empty(x.shape) if need_x else None  # [n, K]
+        grad_w = w.new_empty(w.shape) if need_w else None  # [E, K, N]
         counts = ctx.counts
-        grad_x = grad_w = None
-        g_slices = grad.split(counts)
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_empty(x.shape)  # [n, K]
-            for e, (ge, gxe) in enumerate(zip(g_slices, grad_x.split(counts), strict=True)):
-                if ge.shape[0]:
-                    torch.mm(ge, w[e].t(), out=gxe)
-        if ctx.needs_input_grad[1]:
-            grad_w = w.new_empty(w.shape)  # [E, K, N]
-            for e, (xe, ge) in enumerate(zip(x.split(counts), g_slices, strict=True)):
+        gx_slices = grad_x.split(counts) if need_x else [None] * len(counts)
+        rows = zip(x.split(counts), grad.split(counts), gx_slices, strict=True)
+        for e, (xe, ge, gxe) in enumerate(rows):  # both products of an expert while it is hot
+            if need_x and xe.shape[0]:
+                torch.mm(ge, w[e].t(), out=gxe)
+            if need_w:
                 if xe.shape[0]:
                     torch.mm(xe.t(), ge, out=grad_w[e])
                 else:

@@ -102,14 +102,18 @@ def make_routing(
     logits: Tensor,
     noisy_logits: Tensor | None = None,
     noise_std: Tensor | None = None,
+    probs: Tensor | None = None,
 ) -> Routing:
-    """Build a Routing with every assignment kept (no capacity yet)."""
+    """Build a Routing with every assignment kept (no capacity yet).
+
+    ``probs``: ``softmax(logits)`` when the caller has it already (else computed here).
+    """
     kept = torch.ones_like(expert_ids, dtype=torch.bool)
     counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
     return Routing(
         expert_ids=expert_ids,
         weights=weights,
-        probs=logits.softmax(dim=-1),
+        probs=logits.softmax(dim=-1) if probs is None else probs,
         logits=logits,
         kept=kept,
         tokens_per_expert=counts,
@@ -118,7 +122,9 @@ def make_routing(
     )
 
 
-def topk_weights(scores: Tensor, k: int, weighting: str) -> tuple[Tensor, Tensor]:
+def topk_weights(
+    scores: Tensor, k: int, weighting: str, probs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Pick the k best experts from ``scores: [T, E]`` logits and weight them.
 
     - ``"renormalize"`` (Mixtral): p = softmax(z) over all E, keep the top-k p, divide by their sum.
@@ -127,15 +133,18 @@ def topk_weights(scores: Tensor, k: int, weighting: str) -> tuple[Tensor, Tensor
     - ``"raw"`` (Switch, un-normalised Qwen-MoE): keep the top-k softmax probabilities as they are;
       they sum to less than 1.
 
+    ``probs``: ``softmax(scores)`` when the caller has it already (else computed here).
     Returns ``(expert_ids: [T, k] int64, weights: [T, k] float32)``.
     """
     top_logits, ids = scores.topk(k, dim=-1)  # [T, k]
     if weighting == "topk_softmax":
         return ids, top_logits.softmax(dim=-1)
-    probs = scores.softmax(dim=-1).gather(1, ids)  # [T, k]
+    if probs is None:
+        probs = scores.softmax(dim=-1)
+    top = probs.gather(1, ids)  # [T, k]
     if weighting == "raw":
-        return ids, probs
-    return ids, probs / probs.sum(dim=-1, keepdim=True)
+        return ids, top
+    return ids, top / top.sum(dim=-1, keepdim=True)
 
 
 class DenseRouter(nn.Module):
@@ -191,8 +200,9 @@ class TopKRouter(DenseRouter):
             noise = torch.empty_like(x, dtype=router_dtype(x))
             x = x.to(noise.dtype) * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         z = self.logits(x)
-        ids, w = topk_weights(z, self.top_k, self.weighting)
-        return make_routing(ids, w, z)
+        probs = z.softmax(dim=-1)  # once, for the weights and the Routing record
+        ids, w = topk_weights(z, self.top_k, self.weighting, probs)
+        return make_routing(ids, w, z, probs=probs)
 
 
 class NoisyTopKRouter(TopKRouter):
