@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--impls", default=None, help="comma-separated subset of: " + ", ".join(IMPLS))
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 5; --quick 7)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 9; --quick 7)")
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--budget", type=float, default=20.0,
                    help="seconds per size after which the slow baselines stop (at min-rounds)")
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.impls is None:
         args.impls = ",".join(QUICK_IMPLS if args.quick else IMPLS)
     if args.rounds is None:
-        args.rounds = 7 if args.quick else 5
+        args.rounds = 7 if args.quick else 9
     if args.threads is None:
         args.threads = 1 if quick else 2
     if args.clock is None:
