@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_lib.checks import check_choice
+
 _silu_out = torch.ops.aten.silu.out
 _silu_backward = torch.ops.aten.silu_backward.grad_input
 _gelu_backward = torch.ops.aten.gelu_backward.grad_input
@@ -133,4 +135,10 @@ def expert_mlp(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], kind: 
     ``w_in: [E, d_model, h_in]``, ``w_out: [E, d_hidden, d_model]`` in ``x``'s dtype,
     ``counts[e]`` rows for expert e (``sum(counts) == n``), ``kind`` "relu" | "gelu" | "swiglu".
     """
+    check_choice("kind", kind, ("relu", "gelu", "swiglu"))
+    if len(counts) != w_in.shape[0] or sum(counts) != x.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(
+            f"counts must hold E={w_in.shape[0]} non-negative row counts summing to "
+            f"x.shape[0]={x.shape[0]}, got {len(counts)} counts summing to {sum(counts)}"
+        )
     return _ExpertMLP.apply(x, w_in, w_out, counts, kind)

@@ -124,3 +124,16 @@ def test_flop_counter_sees_every_gemm():
         y.sum().backward()
     expected = 2 * sum(counts) * (d * 2 * h + h * d)
     assert fwd.get_total_flops() == expected and bwd.get_total_flops() == 2 * expected
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [1, 1, 1, 1], [5, -1, 0]])
+def test_bad_counts_are_refused_before_any_work(counts):
+    w_in, w_out = weights(3, 4, 3, "swiglu")
+    with pytest.raises(ValueError, match="counts must hold E=3"):
+        expert_mlp(torch.randn(4, 4, dtype=torch.float64), w_in, w_out, counts, "swiglu")
+
+
+def test_unknown_kind_is_refused():
+    w_in, w_out = weights(1, 4, 3, "relu")
+    with pytest.raises(ValueError, match="kind"):
+        expert_mlp(torch.randn(2, 4, dtype=torch.float64), w_in, w_out, [2], "tanh")
