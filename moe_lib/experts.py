@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lib.checks import check_choice, check_positive_int
-from moe_lib.fused_experts import expert_mlp
+from moe_lib.fused_experts import expert_mlp, swiglu_backward
 
 EXPERT_KINDS = ("relu", "gelu", "swiglu")
 
@@ -151,12 +151,7 @@ class _SwiGLU(torch.autograd.Function):
         if torch.compiler.is_compiling():  # no out= into strided views; the compiler fuses this
             d_gate = torch.ops.aten.silu_backward(grad * up, gate)
             return torch.cat([d_gate, grad * s], dim=-1)
-        grad_h = torch.empty_like(h)  # [n, 2h]
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)  # views: written in place
-        torch.mul(grad, s, out=grad_up)
-        torch.mul(grad, up, out=grad_gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_h
+        return swiglu_backward(grad, h, s)  # [n, 2h]
 
 
 class _SliceMatmul(torch.autograd.Function):

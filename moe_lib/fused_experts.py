@@ -59,13 +59,12 @@ def _act_forward(h: Tensor, kind: str, s_out: Tensor | None) -> Tensor:
     return F.relu(h) if kind == "relu" else F.gelu(h)
 
 
-def _act_backward(grad_act: Tensor, h: Tensor, s: Tensor | None, kind: str) -> Tensor:
-    """``d h: [rows, h_in]`` from ``d act: [rows, d_hidden]`` (SwiGLU: ``d up = g * silu(gate)``,
-    ``d gate = g * up * silu'(gate)``, both halves written into one buffer)."""
-    if kind == "relu":
-        return grad_act * (h > 0)
-    if kind == "gelu":
-        return _gelu_backward(grad_act, h, grad_input=torch.empty_like(h))
+def swiglu_backward(grad_act: Tensor, h: Tensor, s: Tensor) -> Tensor:
+    """SwiGLU's ``d h: [n, 2h]`` from ``d act: [n, h]``, ``h = [gate | up]``, ``s = silu(gate)``.
+
+    ``d up = g * s``, ``d gate = g * up * silu'(gate)``, both written into one ``[n, 2h]`` buffer
+    (autograd's ``chunk`` backward would concatenate them: one more full pass).
+    """
     gate, up = h.chunk(2, dim=-1)
     grad_h = torch.empty_like(h)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)  # views: written in place
@@ -73,6 +72,15 @@ def _act_backward(grad_act: Tensor, h: Tensor, s: Tensor | None, kind: str) -> T
     torch.mul(grad_act, up, out=grad_gate)
     _silu_backward(grad_gate, gate, grad_input=grad_gate)
     return grad_h
+
+
+def _act_backward(grad_act: Tensor, h: Tensor, s: Tensor | None, kind: str) -> Tensor:
+    """``d h: [rows, h_in]`` from ``d act: [rows, d_hidden]``."""
+    if kind == "relu":
+        return grad_act * (h > 0)
+    if kind == "gelu":
+        return _gelu_backward(grad_act, h, grad_input=torch.empty_like(h))
+    return swiglu_backward(grad_act, h, s)
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
