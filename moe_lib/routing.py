@@ -168,7 +168,8 @@ class DenseRouter(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         z = self.logits(x)
         ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        return make_routing(ids, z.softmax(dim=-1), z)
+        probs = z.softmax(dim=-1)  # the gate weights are the probabilities
+        return make_routing(ids, probs, z, probs=probs)
 
 
 class TopKRouter(DenseRouter):
@@ -229,14 +230,15 @@ class NoisyTopKRouter(TopKRouter):
 
     def forward(self, x: Tensor) -> Routing:
         z = self.logits(x)
+        probs = z.softmax(dim=-1)  # of the clean logits: for the Routing record
         if not self.training or self.noise_scale == 0:
-            ids, w = topk_weights(z, self.top_k, self.weighting)
-            return make_routing(ids, w, z)
+            ids, w = topk_weights(z, self.top_k, self.weighting, probs)
+            return make_routing(ids, w, z, probs=probs)
         dtype = router_dtype(x)
         std = F.softplus(F.linear(x.to(dtype), self.noise.weight.to(dtype))) * self.noise_scale
         h = z + torch.randn_like(z) * std  # [T, E]
         ids, w = topk_weights(h, self.top_k, self.weighting)
-        return make_routing(ids, w, z, noisy_logits=h, noise_std=std)
+        return make_routing(ids, w, z, noisy_logits=h, noise_std=std, probs=probs)
 
 
 ROUTER_KINDS = ("dense", "topk", "noisy_topk")
