@@ -6,14 +6,25 @@ import math
 
 import torch
 
-from moe_lib.checks import check_positive
+from moe_lib.checks import check_int, check_positive, check_positive_int, check_type
 from moe_lib.routing import Routing
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: C = ceil(capacity_factor * tokens * k / E)."""
+    """Slots per expert: C = min(T, ceil(capacity_factor * T * k / E)).
+
+    An expert never receives more than T assignments (a token's k experts are distinct), so a
+    capacity above T changes nothing; capping it there also keeps a huge factor from overflowing.
+    """
     check_positive("capacity_factor", capacity_factor)
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    check_int("num_tokens", num_tokens, low=0)
+    check_positive_int("top_k", top_k)
+    check_positive_int("num_experts", num_experts)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if capacity_factor * top_k >= num_experts:  # C >= T: nothing can be dropped
+        return num_tokens
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
 def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
@@ -24,6 +35,7 @@ def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
     first. A dropped assignment contributes nothing to the output: the token is carried by
     the residual connection around the layer.
     """
+    check_type("routing", routing, Routing)
     if capacity_factor is None:
         return routing
     T, k = routing.expert_ids.shape

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_lib.checks import check_positive_int
+from moe_lib.checks import check_int, check_positive_int, check_tensor, check_type
 
 PROVENANCE = (
     f"CPython {sys.version.split()[0]} standard library source and pydoc_data.topics; "
@@ -42,6 +42,10 @@ def stdlib_root() -> Path:
 
 def package_files(package: str) -> list[Path]:
     """Sorted ``.py`` files of a standard-library package, leaving out its test folders."""
+    check_type("package", package, str)
+    if not package or "/" in package or "\\" in package or package.startswith("."):
+        raise ValueError(f"package must be the name of a standard-library package, got "
+                         f"{package!r}")
     root = stdlib_root()
     folder = root / package
     if not folder.is_dir():
@@ -55,6 +59,7 @@ def package_files(package: str) -> list[Path]:
 
 def split_bounds(n: int) -> dict[str, tuple[int, int]]:
     """[start, end) of each split for a sequence of length ``n`` (80/10/10 by position)."""
+    check_int("n", n, low=0)
     a = int(n * SPLIT_FRACTIONS[0])
     b = int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
     return {"train": (0, a), "val": (a, b), "test": (b, n)}
@@ -84,6 +89,7 @@ def load_code_corpus(
 
     ``max_bytes`` caps the total (files are taken in order until the cap).
     """
+    _check_packages(packages)
     if max_bytes is not None:
         check_positive_int("max_bytes", max_bytes)
     parts: dict[str, list[bytes]] = {s: [] for s in SPLITS}
@@ -103,9 +109,24 @@ def load_code_corpus(
             break
     splits = {
         s: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).clone()
+        if any(chunks) else torch.zeros(0, dtype=torch.uint8)
         for s, chunks in parts.items()
     }
+    empty = [s for s, t in splits.items() if t.numel() == 0]
+    if empty:
+        raise ValueError(f"the corpus of {packages} (max_bytes={max_bytes}) leaves the "
+                         f"{'/'.join(empty)} split(s) empty; use more packages or bytes")
     return ByteCorpus(splits=splits, files=used)
+
+
+def _check_packages(packages: object) -> None:
+    if isinstance(packages, str) or not isinstance(packages, (tuple, list)):
+        raise TypeError(f"packages must be a tuple of package names, got "
+                        f"{type(packages).__name__} {packages!r:.60}")
+    if not packages:
+        raise ValueError("packages must name at least one standard-library package")
+    for p in packages:
+        check_type("packages[i]", p, str)
 
 
 def language_reference() -> str:
@@ -122,6 +143,10 @@ def lm_batch(
 
     Returns ``x, y: [batch, seq_len]`` int64, ``y`` is ``x`` shifted by one byte.
     """
+    check_tensor("data", data, dims=1, kind="int")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    check_type("generator", generator, torch.Generator)
     if data.numel() <= seq_len + 1:
         raise ValueError(f"seq_len must be < {data.numel() - 1} for this split, got {seq_len}")
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
@@ -153,6 +178,7 @@ def load_package_snippets(
     snippets; the first 80% of a file's snippets train, the next 10% validate, the last 10% test.
     The label is the package's index in ``packages``.
     """
+    _check_packages(packages)
     check_positive_int("snippet_len", snippet_len)
     xs: dict[str, list[Tensor]] = {s: [] for s in SPLITS}
     ys: dict[str, list[Tensor]] = {s: [] for s in SPLITS}
@@ -167,6 +193,10 @@ def load_package_snippets(
             for split, (a, b) in split_bounds(n).items():
                 xs[split].append(snippets[a:b])
                 ys[split].append(torch.full((b - a,), label, dtype=torch.long))
+    empty = [s for s, v in xs.items() if not v or sum(t.shape[0] for t in v) == 0]
+    if empty:
+        raise ValueError(f"snippet_len={snippet_len} leaves the {'/'.join(empty)} split(s) of "
+                         f"{packages} empty; use a shorter snippet_len or more packages")
     return SnippetDataset(
         x={s: torch.cat(v) for s, v in xs.items()},
         y={s: torch.cat(v) for s, v in ys.items()},
@@ -182,6 +212,10 @@ CHAR_CLASSES = (
 
 def char_classes(tokens: Tensor) -> Tensor:
     """Class index into ``CHAR_CLASSES`` of each byte in ``tokens`` (any shape, same shape out)."""
+    check_tensor("tokens", tokens, kind="int")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > 255):
+        raise ValueError(f"tokens must be bytes in [0, 255], got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
     table = torch.full((256,), CHAR_CLASSES.index("other"), dtype=torch.long)
     groups = {
         "letter": "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_",
@@ -195,4 +229,4 @@ def char_classes(tokens: Tensor) -> Tensor:
     }
     for name, chars in groups.items():
         table[torch.tensor(list(chars.encode()))] = CHAR_CLASSES.index(name)
-    return table[tokens.long()]
+    return table.to(tokens.device)[tokens.long()]

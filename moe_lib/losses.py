@@ -1,7 +1,8 @@
 """Auxiliary losses computed from a Routing record (they never re-run the router).
 
 All return float32 scalars (float64 for a float64 router) and are unweighted; the layer
-multiplies them by its coefficients.
+multiplies them by its coefficients. Each docstring gives the value under perfectly uniform
+routing (every expert gets the same share of tokens and of router probability).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_lib.checks import check_tensor, check_type
 from moe_lib.routing import Routing
 
 _EPS = 1e-10
@@ -18,8 +20,9 @@ def cv_squared(v: Tensor) -> Tensor:
     """Squared coefficient of variation, var(v) / mean(v)^2 (population variance).
 
     Shazeer et al. use CV^2 rather than CV: its gradient is finite (zero) at perfect balance,
-    where the gradient of CV = std / mean is not defined.
+    where the gradient of CV = std / mean is not defined. ``v: [n]``; 0 when all are equal.
     """
+    check_tensor("v", v, dims=1, kind=("float", "int"))
     v = v.to(torch.promote_types(v.dtype, torch.float32))
     if v.numel() <= 1:
         return v.new_zeros(())
@@ -28,11 +31,12 @@ def cv_squared(v: Tensor) -> Tensor:
 
 def importance(routing: Routing) -> Tensor:
     """Importance(X)_i = sum over tokens of the gate G(x)_i: ``[E]``."""
+    check_type("routing", routing, Routing)
     return routing.gates().sum(dim=0)
 
 
 def importance_loss(routing: Routing) -> Tensor:
-    """L_importance = CV(Importance(X))^2 (Shazeer et al. 2017, eq. 6-7)."""
+    """L_importance = CV(Importance(X))^2 (Shazeer et al. 2017, eq. 6-7); 0 when uniform."""
     return cv_squared(importance(routing))
 
 
@@ -45,6 +49,7 @@ def smooth_load(routing: Routing) -> Tensor:
     count of tokens. Without noise (eval mode, or a router without noise, or k = E) it falls back
     to that count, which carries no gradient.
     """
+    check_type("routing", routing, Routing)
     k, E = routing.top_k, routing.num_experts
     if routing.noisy_logits is None or k >= E:
         return routing.chosen_counts().float()
@@ -60,7 +65,8 @@ def smooth_load(routing: Routing) -> Tensor:
 
 
 def load_loss(routing: Routing) -> Tensor:
-    """L_load = CV(Load(X))^2 with the smooth load estimator (Shazeer et al. 2017, appendix A)."""
+    """L_load = CV(Load(X))^2 with the smooth load estimator (Shazeer et al. 2017, appendix A);
+    0 when uniform."""
     return cv_squared(smooth_load(routing))
 
 
@@ -70,19 +76,24 @@ def switch_loss(routing: Routing) -> Tensor:
     f_i = (assignments the router chose for expert i, before capacity) / tokens, so sum_i f_i = k
     (each slot is normalised on its own, as in the Hugging Face Mixtral loss); P_i = mean router
     probability of expert i. Under perfectly uniform routing the loss is k (1 for Switch, k = 1).
+    0 for a batch without tokens.
     """
+    check_type("routing", routing, Routing)
     T = routing.num_tokens
+    if T == 0:
+        return routing.probs.new_zeros(())
     f = routing.chosen_counts().to(routing.probs.dtype) / T  # [E]
     p = routing.probs.mean(dim=0)  # [E]
     return routing.num_experts * torch.sum(f * p)
 
 
 def z_loss(routing: Routing) -> Tensor:
-    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of (logsumexp_j z_j)^2."""
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of (logsumexp_j z_j)^2.
+
+    It depends on the logits' scale, not on balance: (ln E)^2 when every logit is 0; 0 for a
+    batch without tokens.
+    """
+    check_type("routing", routing, Routing)
+    if routing.num_tokens == 0:
+        return routing.logits.new_zeros(())
     return torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
-
-
-def load_cv(routing: Routing) -> float:
-    """Coefficient of variation of the kept tokens per expert (for tables, not a loss)."""
-    counts = routing.tokens_per_expert.float()
-    return float(counts.std(unbiased=False) / counts.mean().clamp_min(_EPS))

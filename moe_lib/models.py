@@ -7,23 +7,31 @@ Switch Transformer text-classification example).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lib.checks import check_choice, check_positive_int
+from moe_lib.checks import check_choice, check_positive_int, check_real, check_tensor
 from moe_lib.experts import FeedForward
-from moe_lib.layer import MoE
+from moe_lib.layer import MoE, MoEConfig
 from moe_lib.routing import Routing
+
+DEFAULT_MOE = {"num_experts": 8, "top_k": 2}
 
 
 @dataclass
 class TransformerConfig:
-    """Sizes and FFN choice. ``ffn="moe"`` uses ``MoE(**moe)``; ``ffn="dense"`` a SwiGLU FFN of
-    hidden ``d_hidden`` (for the same active parameters as an MoE of hidden h and top-k, pass
-    ``d_hidden = k * h``; for the same total, ``E * h``)."""
+    """Sizes and FFN choice.
+
+    ``ffn="moe"``: every FFN block is ``MoE.from_config(moe)``. ``moe`` may be given as an
+    :class:`~moe_lib.layer.MoEConfig` (its d_model and d_hidden must match this config's) or as a
+    dict of MoE options without d_model and d_hidden (None: 8 experts, top-2); after
+    ``__post_init__`` it is always an MoEConfig. ``ffn="dense"``: a SwiGLU FFN of hidden
+    ``d_hidden`` (for the same active parameters as an MoE of hidden h and top-k, pass
+    ``d_hidden = k * h``; for the same total, ``E * h``); ``moe`` must then be None.
+    """
 
     vocab_size: int = 256
     seq_len: int = 128
@@ -35,7 +43,7 @@ class TransformerConfig:
     task: str = "lm"
     num_classes: int = 0
     dropout: float = 0.0
-    moe: dict = field(default_factory=lambda: {"num_experts": 8, "top_k": 2})
+    moe: MoEConfig | dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_hidden"):
@@ -48,8 +56,32 @@ class TransformerConfig:
             )
         if self.task == "classify":
             check_positive_int("num_classes", self.num_classes)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        elif self.num_classes != 0:
+            raise ValueError(f"num_classes applies to task='classify' only, got "
+                             f"{self.num_classes!r} with task='lm'")
+        check_real("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        self.moe = self._moe_config()
+
+    def _moe_config(self) -> MoEConfig | None:
+        if self.ffn == "dense":
+            if self.moe is not None:
+                raise ValueError("moe applies to ffn='moe' only; pass moe=None with ffn='dense'")
+            return None
+        if isinstance(self.moe, MoEConfig):
+            if (self.moe.d_model, self.moe.d_hidden) != (self.d_model, self.d_hidden):
+                raise ValueError(
+                    f"moe has d_model={self.moe.d_model}, d_hidden={self.moe.d_hidden}; the "
+                    f"model has d_model={self.d_model}, d_hidden={self.d_hidden}")
+            return self.moe
+        options = DEFAULT_MOE if self.moe is None else self.moe
+        if not isinstance(options, dict):
+            raise TypeError(f"moe must be an MoEConfig, a dict of MoE options or None, got "
+                            f"{type(options).__name__}")
+        clash = {"d_model", "d_hidden"} & set(options)
+        if clash:
+            raise ValueError(f"moe must not set {sorted(clash)}: they come from the model's "
+                             "d_model and d_hidden")
+        return MoEConfig(d_model=self.d_model, d_hidden=self.d_hidden, **options)
 
 
 @dataclass
@@ -95,8 +127,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if cfg.ffn == "moe":
-            moe = {"d_hidden": cfg.d_hidden, **cfg.moe}
-            self.ffn: nn.Module = MoE(cfg.d_model, **moe)
+            self.ffn: nn.Module = MoE.from_config(cfg.moe)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_hidden, "swiglu")
         self.drop = nn.Dropout(cfg.dropout)
@@ -124,12 +155,16 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, out, bias=cfg.task == "classify")
 
     def forward(self, idx: Tensor) -> ModelOutput:
-        """``idx: [B, S]`` int64 token ids, S <= seq_len."""
-        if idx.dtype not in (torch.int64, torch.int32, torch.uint8):
-            raise TypeError(f"idx must hold integer token ids, got dtype={idx.dtype}")
+        """``idx: [B, S]`` integer token ids in ``[0, vocab_size)``, 1 <= S <= seq_len."""
+        check_tensor("idx", idx, dims=2, kind="int", device=self.tok.weight.device)
         B, S = idx.shape
-        if S > self.cfg.seq_len:
-            raise ValueError(f"sequence length {S} exceeds seq_len={self.cfg.seq_len}")
+        if not 1 <= S <= self.cfg.seq_len:
+            raise ValueError(f"idx must have 1 to seq_len={self.cfg.seq_len} positions, got {S}")
+        if idx.numel():
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(f"idx must hold token ids in [0, {self.cfg.vocab_size - 1}] "
+                                 f"(vocab_size={self.cfg.vocab_size}), got [{low}, {high}]")
         x = self.tok(idx.long()) + self.pos(torch.arange(S, device=idx.device))  # (B, S, D)
         aux = torch.zeros((), device=idx.device)
         routings: list[Routing] = []
@@ -147,19 +182,17 @@ class Transformer(nn.Module):
 def ffn_parameter_counts(model: Transformer) -> dict[str, int]:
     """Parameters in the FFN blocks: ``total`` (all experts) and ``active`` (used per token).
 
-    For an MoE block: active = router + top_k experts; total = router + all experts.
-    The router counts in both. Attention, embeddings and norms are not counted.
+    For an MoE block: :meth:`MoE.parameter_counts` (the router counts in both); a dense block
+    counts all its parameters in both. Attention, embeddings and norms are not counted.
     """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a moe_lib Transformer, got {type(model).__name__}")
     total = active = 0
     for block in model.blocks:
-        ffn = block.ffn
-        n = sum(p.numel() for p in ffn.parameters())
-        if isinstance(ffn, MoE):
-            router = sum(p.numel() for p in ffn.router.parameters())
-            per_expert = (n - router) // ffn.num_experts
-            total += n
-            active += router + ffn.top_k * per_expert
+        if isinstance(block.ffn, MoE):
+            counts = block.ffn.parameter_counts()
+            total, active = total + counts.total, active + counts.active
         else:
-            total += n
-            active += n
+            n = sum(p.numel() for p in block.ffn.parameters())
+            total, active = total + n, active + n
     return {"total": total, "active": active}

@@ -1,19 +1,16 @@
-"""The chapters' shared set-up: device, seeds, plotting defaults."""
+"""The chapters' shared set-up: device, seeds, threads, plotting defaults (``moe_lib[book]``)."""
 
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import torch
 
+from moe_lib.checks import check_int
+from moe_lib.runtime import default_device, import_extra, seed_everything
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+THREADS_ENV = "MOE_BOOK_THREADS"
+QUICK_ENV = "MOE_BOOK_QUICK"
 
 
 def setup(seed: int = 0) -> tuple[torch.device, bool]:
@@ -24,14 +21,18 @@ def setup(seed: int = 0) -> tuple[torch.device, bool]:
     On a CPU, PyTorch gets ``MOE_BOOK_THREADS`` threads (default 1): the chapters' models are
     small, and extra intra-op threads only add overhead (10x and more on a busy machine).
     """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    check_int("seed", seed, low=0, high=2**32 - 1)
+    plt = import_extra("matplotlib.pyplot", "book")
+    sns = import_extra("seaborn", "book")
 
     seed_everything(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    full = device.type == "cuda" and not os.environ.get("MOE_BOOK_QUICK")
+    device = default_device()
+    full = device.type == "cuda" and not os.environ.get(QUICK_ENV)
     if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("MOE_BOOK_THREADS", "1")))
+        threads = os.environ.get(THREADS_ENV, "1")
+        if not threads.isdigit() or int(threads) < 1:
+            raise ValueError(f"{THREADS_ENV} must be an integer >= 1, got {threads!r}")
+        torch.set_num_threads(int(threads))
     sns.set_theme(context="notebook", style="whitegrid")
     plt.rcParams["figure.dpi"] = 90
     print(f"moe_lib set-up: device={device}, full sizes={full}, seed={seed}, "

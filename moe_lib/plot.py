@@ -1,48 +1,22 @@
-"""Expert-utilisation heatmaps and routing statistics for figures, all read from Routing records."""
+"""Expert-utilisation heatmaps (``moe_lib[book]``); the numbers they show come from
+:mod:`moe_lib.stats`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
-import torch
-from matplotlib.axes import Axes
 from torch import Tensor
 
-from moe_lib.routing import Routing
+from moe_lib.checks import check_bool, check_real, check_type
+from moe_lib.runtime import import_extra
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
-def expert_fractions(routing: Routing) -> Tensor:
-    """``[E]`` share of the kept assignments that each expert received (sums to 1)."""
-    counts = routing.tokens_per_expert.float()
-    return counts / counts.sum().clamp_min(1.0)
-
-
-def utilisation_by_group(routing: Routing, groups: Tensor, num_groups: int) -> Tensor:
-    """``[num_groups, E]``: for each group of tokens, the share of its kept assignments per expert.
-
-    ``groups: [T]`` integer label of each token (a class, a region, a character type ...).
-    Each row sums to 1 (rows of groups with no tokens are 0).
-    """
-    E = routing.num_experts
-    groups = groups.reshape(-1).to(routing.expert_ids.device)
-    if groups.numel() != routing.num_tokens:
-        raise ValueError(f"groups must have one label per token ({routing.num_tokens}), "
-                         f"got {groups.numel()}")
-    flat = (groups[:, None] * E + routing.expert_ids).reshape(-1)[routing.kept.reshape(-1)]
-    counts = torch.bincount(flat, minlength=num_groups * E).view(num_groups, E).float()
-    return counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-
-def mean_gate_by_group(routing: Routing, groups: Tensor, num_groups: int) -> Tensor:
-    """``[num_groups, E]`` mean gate weight G(x)_i over the tokens of each group."""
-    gates = routing.gates(kept_only=True).detach().float()  # [T, E]
-    groups = groups.reshape(-1).to(gates.device)
-    sums = gates.new_zeros(num_groups, routing.num_experts).index_add(0, groups, gates)
-    n = torch.bincount(groups, minlength=num_groups).clamp_min(1).float()
-    return sums / n[:, None]
+plt = import_extra("matplotlib.pyplot", "book")
+sns = import_extra("seaborn", "book")
 
 
 def utilisation_heatmap(
@@ -61,7 +35,18 @@ def utilisation_heatmap(
     ``uniform`` (usually 1/E) is marked on the colour bar: the share every expert would get under
     perfectly balanced routing. Cells are annotated when the matrix is small, unless ``annot``.
     """
-    m = matrix.detach().cpu().float().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix)
+    m = _as_matrix(matrix)
+    if row_labels is not None and len(row_labels) != m.shape[0]:
+        raise ValueError(f"row_labels must have one label per row ({m.shape[0]}), got "
+                         f"{len(row_labels)}")
+    for name, text in (("ylabel", ylabel), ("title", title), ("cbar_label", cbar_label)):
+        check_type(name, text, str)
+    if uniform is not None:
+        check_real("uniform", uniform, low=0.0)
+    if annot is not None:
+        check_bool("annot", annot)
+    if vmax is not None:
+        check_real("vmax", vmax, low=0.0, low_open=True)
     if ax is None:
         _, ax = plt.subplots(figsize=(1.0 + 0.55 * m.shape[1], 0.8 + 0.35 * m.shape[0]))
     if annot is None:
@@ -84,6 +69,17 @@ def utilisation_heatmap(
     return ax
 
 
-def utilisation_over_steps(routings: Sequence[Routing]) -> Tensor:
-    """``[steps, E]`` share of kept assignments per expert, one row per recorded step."""
-    return torch.stack([expert_fractions(r).cpu() for r in routings])
+def _as_matrix(matrix: object) -> np.ndarray:
+    """``matrix`` as a finite, non-empty 2-D float array."""
+    if isinstance(matrix, Tensor):
+        m = matrix.detach().cpu().float().numpy()
+    elif isinstance(matrix, np.ndarray):
+        m = matrix.astype(float)
+    else:
+        raise TypeError(f"matrix must be a torch.Tensor or a numpy array [rows, E], got "
+                        f"{type(matrix).__name__}")
+    if m.ndim != 2 or 0 in m.shape:
+        raise ValueError(f"matrix must be a non-empty 2-D [rows, E] array, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("matrix must hold finite values only (no NaN or inf)")
+    return m

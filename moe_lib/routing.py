@@ -1,13 +1,16 @@
 """Routers and the ``Routing`` record they return.
 
-Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. Router maths runs
-in float32 for float32 and narrower inputs (as in Switch and Mixtral), in float64 for float64.
-Capacity is applied afterwards by :func:`moe_lib.capacity.apply_capacity`; a router alone keeps
-every assignment.
+Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. What is float32:
+the router's logits, softmax, noise, top-k and gate weights are computed in float32 for float32,
+bfloat16 and float16 inputs (as in Switch and Mixtral; a bf16 router can flip choices between
+near-tied experts), also inside ``torch.autocast``, which is switched off for the router; in
+float64 for float64 inputs (exact gradient checks). Capacity is applied afterwards by
+:func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,6 +22,8 @@ from moe_lib.checks import (
     check_int_range,
     check_nonnegative,
     check_positive_int,
+    check_real,
+    check_tensor,
 )
 
 WEIGHTINGS = ("renormalize", "topk_softmax", "raw")
@@ -96,6 +101,14 @@ def router_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch ``torch.autocast`` off on ``device`` inside the block (the router's maths must not
+    drop to bfloat16/float16); a no-op for device types autocast does not know."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def make_routing(
     expert_ids: Tensor,
     weights: Tensor,
@@ -104,10 +117,38 @@ def make_routing(
     noise_std: Tensor | None = None,
     probs: Tensor | None = None,
 ) -> Routing:
-    """Build a Routing with every assignment kept (no capacity yet).
+    """Build a Routing with every assignment kept (no capacity yet), after checking its parts.
 
+    ``expert_ids: [T, k]`` integers in ``[0, E)``, ``weights: [T, k]``, ``logits: [T, E]`` floats;
     ``probs``: ``softmax(logits)`` when the caller has it already (else computed here).
     """
+    check_tensor("logits", logits, dims=2, kind="float")
+    T, E = logits.shape
+    check_tensor("expert_ids", expert_ids, dims=2, kind="int", shape=(T, None),
+                 device=logits.device)
+    check_tensor("weights", weights, kind="float", shape=tuple(expert_ids.shape),
+                 device=logits.device)
+    if expert_ids.numel():
+        low, high = int(expert_ids.min()), int(expert_ids.max())
+        if low < 0 or high >= E:
+            raise ValueError(f"expert_ids must be in [0, {E - 1}] (E={E} columns of logits), "
+                             f"got values in [{low}, {high}]")
+    for name, t in (("probs", probs), ("noisy_logits", noisy_logits), ("noise_std", noise_std)):
+        if t is not None:
+            check_tensor(name, t, kind="float", shape=(T, E), device=logits.device)
+    return _routing(expert_ids.long(), weights, logits, noisy_logits, noise_std, probs)
+
+
+def _routing(
+    expert_ids: Tensor,
+    weights: Tensor,
+    logits: Tensor,
+    noisy_logits: Tensor | None = None,
+    noise_std: Tensor | None = None,
+    probs: Tensor | None = None,
+) -> Routing:
+    """:func:`make_routing` without the checks, for the routers (whose ids are in range by
+    construction; the range check would make the device wait for the host)."""
     kept = torch.ones_like(expert_ids, dtype=torch.bool)
     counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
     return Routing(
@@ -134,8 +175,21 @@ def topk_weights(
       they sum to less than 1.
 
     ``probs``: ``softmax(scores)`` when the caller has it already (else computed here).
-    Returns ``(expert_ids: [T, k] int64, weights: [T, k] float32)``.
+    Returns ``(expert_ids: [T, k] int64, weights: [T, k])`` in the dtype of ``scores``.
     """
+    check_tensor("scores", scores, dims=2, kind="float")
+    check_int_range("k", k, 1, max(1, scores.shape[1]))
+    check_choice("weighting", weighting, WEIGHTINGS)
+    if probs is not None:
+        check_tensor("probs", probs, kind="float", shape=tuple(scores.shape),
+                     device=scores.device)
+    return _topk_weights(scores, k, weighting, probs)
+
+
+def _topk_weights(
+    scores: Tensor, k: int, weighting: str, probs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`topk_weights` without the checks (the routers' own arguments are checked once)."""
     top_logits, ids = scores.topk(k, dim=-1)  # [T, k]
     if weighting == "topk_softmax":
         return ids, top_logits.softmax(dim=-1)
@@ -157,19 +211,37 @@ class DenseRouter(nn.Module):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("num_experts", num_experts)
+        self.d_model = d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
+    def check_input(self, x: Tensor) -> None:
+        """``x`` must be a float tensor ``[T, d_model]`` on the router's device."""
+        check_tensor("x", x, dims=2, kind="float", shape=(None, self.d_model),
+                     device=self.gate.weight.device)
+
     def logits(self, x: Tensor) -> Tensor:
-        """Clean router logits ``[T, E]`` in float32 (float64 for float64 input)."""
+        """Clean router logits ``z = x W_g^T: [T, E]`` in float32 (float64 for float64 input)."""
+        self.check_input(x)
+        with no_autocast(x.device):
+            return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
         dtype = router_dtype(x)
         return F.linear(x.to(dtype), self.gate.weight.to(dtype))
 
     def forward(self, x: Tensor) -> Routing:
-        z = self.logits(x)
+        """``x: [T, d_model]`` -> :class:`Routing` (see the module docstring for the dtypes)."""
+        self.check_input(x)
+        with no_autocast(x.device):
+            return self.route(x)
+
+    def route(self, x: Tensor) -> Routing:
+        """The routing maths, on a checked input, with autocast off."""
+        z = self._logits(x)
         ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
         probs = z.softmax(dim=-1)  # the gate weights are the probabilities
-        return make_routing(ids, probs, z, probs=probs)
+        return _routing(ids, probs, z, probs=probs)
 
 
 class TopKRouter(DenseRouter):
@@ -190,20 +262,20 @@ class TopKRouter(DenseRouter):
         check_positive_int("num_experts", num_experts)
         check_int_range("top_k", top_k, 1, num_experts)
         check_choice("weighting", weighting, WEIGHTINGS)
-        check_nonnegative("jitter_eps", jitter_eps)
+        check_real("jitter_eps", jitter_eps, 0.0, 1.0, high_open=True)  # x * U(1 - eps, 1 + eps)
         super().__init__(d_model, num_experts)
         self.top_k = top_k
         self.weighting = weighting
         self.jitter_eps = float(jitter_eps)
 
-    def forward(self, x: Tensor) -> Routing:
+    def route(self, x: Tensor) -> Routing:
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(x, dtype=router_dtype(x))
             x = x.to(noise.dtype) * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        z = self.logits(x)
+        z = self._logits(x)
         probs = z.softmax(dim=-1)  # once, for the weights and the Routing record
-        ids, w = topk_weights(z, self.top_k, self.weighting, probs)
-        return make_routing(ids, w, z, probs=probs)
+        ids, w = _topk_weights(z, self.top_k, self.weighting, probs)
+        return _routing(ids, w, z, probs=probs)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -228,17 +300,17 @@ class NoisyTopKRouter(TopKRouter):
         nn.init.zeros_(self.noise.weight)
         self.noise_scale = float(noise_scale)
 
-    def forward(self, x: Tensor) -> Routing:
-        z = self.logits(x)
+    def route(self, x: Tensor) -> Routing:
+        z = self._logits(x)
         probs = z.softmax(dim=-1)  # of the clean logits: for the Routing record
         if not self.training or self.noise_scale == 0:
-            ids, w = topk_weights(z, self.top_k, self.weighting, probs)
-            return make_routing(ids, w, z, probs=probs)
+            ids, w = _topk_weights(z, self.top_k, self.weighting, probs)
+            return _routing(ids, w, z, probs=probs)
         dtype = router_dtype(x)
         std = F.softplus(F.linear(x.to(dtype), self.noise.weight.to(dtype))) * self.noise_scale
         h = z + torch.randn_like(z) * std  # [T, E]
-        ids, w = topk_weights(h, self.top_k, self.weighting)
-        return make_routing(ids, w, z, noisy_logits=h, noise_std=std, probs=probs)
+        ids, w = _topk_weights(h, self.top_k, self.weighting)
+        return _routing(ids, w, z, noisy_logits=h, noise_std=std, probs=probs)
 
 
 ROUTER_KINDS = ("dense", "topk", "noisy_topk")

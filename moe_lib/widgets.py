@@ -14,22 +14,35 @@ import io
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+from moe_lib.checks import check_int, check_type
+from moe_lib.runtime import import_extra
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+plt = import_extra("matplotlib.pyplot", "book")
 
 STATIC_ENV = "MOE_BOOK_STATIC"
 
 
-def _check_values(values: Sequence[object], start: int) -> None:
+def _check_slider(draw: object, values: object, name: object, start: object) -> None:
+    if not callable(draw):
+        raise TypeError(f"draw must be callable, value -> Figure, got {type(draw).__name__}")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"values must be a list or tuple of slider values, got "
+                        f"{type(values).__name__}")
     if len(values) == 0:
         raise ValueError("values must hold at least one slider value")
-    if not 0 <= start < len(values):
-        raise ValueError(f"start must be in [0, {len(values) - 1}], got {start}")
+    check_type("name", name, str)
+    check_int("start", start, low=0, high=len(values) - 1)
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> str:
     """The figure as a base64 PNG string (the figure is closed)."""
+    check_type("fig", fig, plt.Figure)
+    check_int("dpi", dpi, low=1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -40,7 +53,7 @@ def static_slider_html(
     draw: Callable[[object], Figure], values: Sequence[object], name: str, start: int = 0
 ) -> str:
     """HTML with one precomputed frame per value and a range input that switches between them."""
-    _check_values(values, start)
+    _check_slider(draw, values, name, start)
     uid = "moe-slider-" + uuid.uuid4().hex[:8]
     frames = [figure_png(draw(v)) for v in values]
     imgs = "".join(
@@ -71,9 +84,9 @@ def slider(
 
     Live (ipywidgets) in Jupyter and Colab; precomputed frames when ``MOE_BOOK_STATIC`` is set.
     """
+    _check_slider(draw, values, name, start)
     from IPython.display import HTML, display
 
-    _check_values(values, start)
     if os.environ.get(STATIC_ENV):
         display(HTML(static_slider_html(draw, values, name, start)))
         return

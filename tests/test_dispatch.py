@@ -9,11 +9,12 @@ from torch import nn
 from torch.func import functional_call
 
 from moe_lib import MoE
-from moe_lib.dispatch import DISPATCHERS, sort_by_expert
+from moe_lib.dispatch import DISPATCHERS
+from moe_lib.permute import sort_by_expert
 from moe_lib.routing import make_routing, topk_weights
+from tests.helpers import grads, tiny_layer
 
 FAST = settings(max_examples=30, deadline=None, database=None)
-
 
 
 def manual_moe(layer, x, routing):
@@ -27,12 +28,6 @@ def manual_moe(layer, x, routing):
                 row = row + routing.weights[t, j] * layer.experts.forward_expert(e, x[t : t + 1])[0]
         rows.append(row)
     return torch.stack(rows) if rows else torch.zeros_like(x)
-
-
-def grads(layer, x):
-    """Gradient of every parameter (None -> 0) and of x."""
-    out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
-    return out + [x.grad]
 
 
 @st.composite
@@ -114,11 +109,6 @@ def gradcheck_inputs(layer, prefix=""):
     params = dict(layer.named_parameters())
     tensors = [params[n].detach().clone().requires_grad_() for n in names]
     return [prefix + n for n in names], (x, *tensors)
-
-
-def tiny_layer(router="topk", dispatch="sorted", expert="swiglu"):
-    torch.manual_seed(0)
-    return MoE(3, 2, 3, top_k=2, router=router, dispatch=dispatch, expert=expert).double().eval()
 
 
 @pytest.mark.parametrize("weighting, expert", [

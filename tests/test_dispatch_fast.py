@@ -1,4 +1,5 @@
-"""The fast path's pieces (moe_lib.permute, grouped_matmul, the fused SwiGLU) and its guarantees.
+"""The fast path's pieces (moe_lib.permute, the kernels' grouped_matmul and swiglu) and its
+guarantees.
 
 - each hand-written backward agrees with autograd on the plain-indexing reference and passes a
   float64 gradcheck, with and without dropped copies;
@@ -10,33 +11,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_lib import MoE
-from moe_lib.dispatch import dispatch_loop, dispatch_sorted, sort_by_expert
-from moe_lib.experts import (
-    ExpertBank,
-    _grouped_mm_works,
-    _SwiGLU,
-    expert_activation,
-    grouped_matmul,
-)
-from moe_lib.permute import gather_sum, make_permutation, permute, unpermute_combine
-from moe_lib.routing import make_routing
-
-
-def random_routing(T, E, k, seed=0, drop=None, dtype=torch.float32):
-    """A top-k routing of T tokens; ``drop``: fraction of copies marked dropped."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else (
-        torch.zeros(0, k, dtype=torch.long))
-    w = torch.rand(T, k, generator=g, dtype=dtype)
-    r = make_routing(ids, w, torch.zeros(T, E))
-    if drop:
-        r = r.with_kept(torch.rand(T, k, generator=g) >= drop)
-    return r
-
-
-def perm_of(r):
-    return make_permutation(*sort_by_expert(r), r.top_k)
+from moe_lib import ExpertBank, MoE
+from moe_lib.activations import activation
+from moe_lib.dispatch import dispatch_loop, dispatch_sorted
+from moe_lib.kernels import gather_sum, grouped_matmul, grouped_mm_available, swiglu
+from moe_lib.permute import permute, unpermute_combine
+from tests.helpers import permutation_of as perm_of
+from tests.helpers import random_routing
 
 
 @pytest.mark.parametrize("drop", [None, 0.3, 1.0])
@@ -152,17 +133,17 @@ def test_grouped_matmul_gradcheck_float64():
 
 def test_grouped_mm_is_not_chosen_on_a_cpu():
     x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(2, 16, 16, dtype=torch.bfloat16)
-    assert not _grouped_mm_works(x, w)
+    assert not grouped_mm_available(x, w)
 
 
 def test_fused_swiglu_matches_autograd():
     torch.manual_seed(0)
     h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(_SwiGLU.apply(h), expert_activation(h, "swiglu"))
-    assert torch.autograd.gradcheck(_SwiGLU.apply, (h,))
+    torch.testing.assert_close(swiglu(h), activation(h, "swiglu"))
+    assert torch.autograd.gradcheck(swiglu, (h,))
     g = torch.randn(10, 4, dtype=torch.float64)
-    (a,) = torch.autograd.grad(_SwiGLU.apply(h), h, g)
-    (b,) = torch.autograd.grad(expert_activation(h, "swiglu"), h, g)
+    (a,) = torch.autograd.grad(swiglu(h), h, g)
+    (b,) = torch.autograd.grad(activation(h, "swiglu"), h, g)
     torch.testing.assert_close(a, b)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 from moe_lib import ExpertBank, FeedForward
-from moe_lib.experts import ffn_params
+from moe_lib.activations import ffn_params
 
 FAST = settings(max_examples=30, deadline=None, database=None)
 KINDS = ["relu", "gelu", "swiglu"]
@@ -86,9 +86,9 @@ def test_forward_slices_backward_reaches_only_used_experts():
 @pytest.mark.parametrize("make, name", [
     (lambda: ExpertBank(0, 6, 5), "num_experts"),
     (lambda: ExpertBank(2, 6, 0), "d_hidden"),
-    (lambda: ExpertBank(2, 6, 5, "tanh"), "expert"),
+    (lambda: ExpertBank(2, 6, 5, "tanh"), "kind"),
     (lambda: FeedForward(6.0, 5), "d_model"),
-    (lambda: FeedForward(6, 5, "swish"), "expert"),
+    (lambda: FeedForward(6, 5, "swish"), "kind"),
 ])
 def test_bad_arguments(make, name):
     with pytest.raises((ValueError, TypeError), match=name):

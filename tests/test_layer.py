@@ -8,6 +8,13 @@ import torch
 from moe_lib import MoE
 
 D, H, E, K = 8, 12, 4, 2
+
+
+def k_for(router):
+    """top_k for a router: None for "dense" (it uses every expert), else K."""
+    return None if router == "dense" else K
+
+
 COMBOS = list(itertools.product(["relu", "gelu", "swiglu"], ["dense", "topk", "noisy_topk"],
                                 ["loop", "sorted"]))
 
@@ -16,7 +23,7 @@ COMBOS = list(itertools.product(["relu", "gelu", "swiglu"], ["dense", "topk", "n
 @pytest.mark.parametrize("shape", [(5, D), (2, 3, D), (D,)])
 def test_shapes(expert, router, dispatch, shape):
     torch.manual_seed(0)
-    layer = MoE(D, H, E, top_k=K, expert=expert, router=router, dispatch=dispatch)
+    layer = MoE(D, H, E, top_k=k_for(router), expert=expert, router=router, dispatch=dispatch)
     out = layer(torch.randn(shape))
     T = 1 if len(shape) == 1 else int(torch.tensor(shape[:-1]).prod())  # [d] is one token
     k = E if router == "dense" else K
@@ -42,7 +49,8 @@ def test_vector_input_is_one_token():
                                               ("topk", "sorted"), ("noisy_topk", "sorted")])
 def test_output_dtype_follows_input_and_router_is_at_least_float32(dtype, router, dispatch):
     torch.manual_seed(0)
-    layer = MoE(D, H, E, top_k=K, router=router, dispatch=dispatch, balance_loss="switch",
+    layer = MoE(D, H, E, top_k=k_for(router), router=router, dispatch=dispatch,
+                balance_loss="switch",
                 z_loss_coef=1e-3, capacity_factor=1.0).eval()  # eval: no router noise
     x = torch.randn(3, 5, D)
     out = layer(x.to(dtype))
@@ -68,9 +76,12 @@ def test_topk_with_k_equal_e_is_dense_gating(weighting):
     assert not torch.allclose(MoE(D, H, E, router="dense")(x).y, b.y)  # the weights matter
 
 
-def test_dense_ignores_top_k():
-    layer = MoE(D, H, E, top_k=1, router="dense")
+def test_dense_uses_every_expert_and_refuses_another_top_k():
+    layer = MoE(D, H, E, router="dense")
     assert layer.top_k == E and layer(torch.randn(2, D)).routing.expert_ids.shape == (2, E)
+    assert MoE(D, H, E, top_k=E, router="dense").top_k == E
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(D, H, E, top_k=1, router="dense")
 
 
 BAD_ARGS = [
@@ -129,7 +140,7 @@ def test_input_errors(x, exc, word):
 @pytest.mark.parametrize("cf", [None, 0.5])
 @pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
 def test_zero_tokens(router, dispatch, cf, shape):
-    layer = MoE(D, H, E, top_k=K, router=router, dispatch=dispatch, capacity_factor=cf,
+    layer = MoE(D, H, E, top_k=k_for(router), router=router, dispatch=dispatch, capacity_factor=cf,
                 balance_loss="importance", z_loss_coef=1e-3)
     out = layer(torch.randn(shape))
     assert out.y.shape == shape and out.aux_loss.item() == 0.0
@@ -141,7 +152,8 @@ def test_zero_tokens(router, dispatch, cf, shape):
                                              ("dense", "switch")])
 def test_large_activations_stay_finite(dtype, router, balance):
     torch.manual_seed(0)
-    layer = MoE(D, H, E, top_k=K, router=router, capacity_factor=1.0, balance_loss=balance,
+    layer = MoE(D, H, E, top_k=k_for(router), router=router, capacity_factor=1.0,
+                balance_loss=balance,
                 z_loss_coef=1e-3).train()
     x = (torch.randn(16, D) * 1e4).to(dtype).requires_grad_()
     out = layer(x)

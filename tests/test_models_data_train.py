@@ -171,7 +171,9 @@ MOE = {"num_experts": 4, "top_k": 2, "expert": "swiglu", "balance_loss": "switch
 
 
 def tiny(**kw) -> TransformerConfig:
-    base = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, d_hidden=8, moe=dict(MOE))
+    base = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, d_hidden=8)
+    if kw.get("ffn", "moe") == "moe":
+        base["moe"] = dict(MOE)
     return TransformerConfig(**{**base, **kw})
 
 

@@ -1,19 +1,18 @@
-"""Utilisation statistics, heatmaps and sliders (moe_lib.plot, moe_lib.widgets)."""
+"""Heatmaps and sliders (moe_lib.plot, moe_lib.widgets)."""
 # ruff: noqa: E402  (matplotlib.use must run before anything imports pyplot)
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import hypothesis.strategies as st
 import IPython.display
 import matplotlib.pyplot as plt
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import settings
 from matplotlib.axes import Axes
 
-from moe_lib import apply_capacity, plot, widgets
+from moe_lib import plot, widgets
 from moe_lib.routing import make_routing
 
 FAST = settings(max_examples=30, deadline=None, database=None)
@@ -29,32 +28,6 @@ def routing(T, E, k, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(T, E, generator=g)
     return make_routing(z.topk(k).indices, torch.rand(T, k, generator=g), z)
-
-
-@FAST
-@given(st.integers(1, 20), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31),
-       st.sampled_from([None, 0.5]))
-def test_utilisation_rows_sum_to_one(T, E, G, seed, cf):
-    r = apply_capacity(routing(T, E, min(2, E), seed), cf)
-    groups = torch.randint(0, G, (T,), generator=torch.Generator().manual_seed(seed))
-    m = plot.utilisation_by_group(r, groups, G)
-    assert m.shape == (G, E)
-    has_kept = torch.zeros(G, dtype=torch.bool).index_put_((groups[r.kept.any(1)],),
-                                                           torch.tensor(True))
-    torch.testing.assert_close(m.sum(1), has_kept.float())  # 1, or 0 for a group with nothing
-    torch.testing.assert_close(plot.expert_fractions(r).sum(), torch.tensor(1.0))
-
-
-def test_utilisation_known_values():
-    r = make_routing(torch.tensor([[0], [1], [1], [2]]), torch.ones(4, 1), torch.zeros(4, 3))
-    m = plot.utilisation_by_group(r, torch.tensor([0, 0, 1, 1]), 3)
-    torch.testing.assert_close(m, torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5], [0, 0, 0]]))
-    with pytest.raises(ValueError, match="groups"):
-        plot.utilisation_by_group(r, torch.tensor([0, 1]), 2)
-    gates = plot.mean_gate_by_group(r, torch.tensor([0, 0, 1, 1]), 2)
-    torch.testing.assert_close(gates, torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5]]))
-    steps = plot.utilisation_over_steps([r, r])
-    torch.testing.assert_close(steps, torch.tensor([[0.25, 0.5, 0.25]] * 2))
 
 
 @pytest.mark.parametrize("uniform", [None, 0.25])

@@ -1,4 +1,4 @@
-"""moe_lib.fused_experts: the CPU path of ExpertBank.forward_slices.
+"""moe_lib.kernels.expert_mlp: the CPU path of ExpertBank.forward_slices.
 
 It must give the values and gradients of the unfused path (two grouped GEMMs around the
 activation, each differentiated by autograd or by its own backward), for every expert kind, with
@@ -8,42 +8,21 @@ empty experts, with experts split into several blocks, and when only some inputs
 import pytest
 import torch
 
-import moe_lib.fused_experts as fused
-from moe_lib.experts import ExpertBank, expert_activation, grouped_matmul
-from moe_lib.fused_experts import block_rows, expert_mlp
-
-
-def unfused(x, w_in, w_out, counts, kind):
-    """The reference: one matmul per expert slice, autograd through everything."""
-    outs = []
-    for e, rows in enumerate(x.split(counts)):
-        outs.append(expert_activation(rows @ w_in[e], kind) @ w_out[e])
-    return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[-1])
-
-
-def weights(E, d, h, kind, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h_in = 2 * h if kind == "swiglu" else h
-    w_in = torch.randn(E, d, h_in, generator=g, dtype=dtype).requires_grad_()
-    w_out = torch.randn(E, h, d, generator=g, dtype=dtype).requires_grad_()
-    return w_in, w_out
-
-
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Blocks of 256 rows (the minimum) so that small tests cross block boundaries."""
-    monkeypatch.setattr(fused, "_BLOCK_BYTES", 1)
-    assert block_rows(8, 8) == 256
+from moe_lib import ExpertBank
+from moe_lib.activations import activation
+from moe_lib.kernels import BLOCK_BYTES, block_rows, expert_blocks, expert_mlp, grouped_matmul
+from tests.helpers import expert_weights as weights
+from tests.helpers import unfused_experts as unfused
 
 
 def test_blocks_cover_each_expert_in_order():
-    blocks = list(fused._blocks([300, 0, 5, 600], 256))
+    blocks = list(expert_blocks([300, 0, 5, 600], 256))
     assert blocks == [(0, 0, 256), (0, 256, 300), (2, 300, 305), (3, 305, 561), (3, 561, 817),
                       (3, 817, 905)]
 
 
 def test_block_rows_bounds_the_first_projection():
-    assert block_rows(2048, 4) * 2048 * 4 <= 8 << 20
+    assert block_rows(2048, 4) * 2048 * 4 <= BLOCK_BYTES == 8 << 20
     assert block_rows(1 << 20, 4) == 256  # never fewer rows than that
 
 
@@ -57,15 +36,20 @@ def test_gradcheck_float64(kind, counts):
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "gelu", "relu"])
-def test_matches_unfused_across_blocks(kind, tiny_blocks):
-    counts = [700, 0, 1, 300]  # expert 0 spans three blocks, expert 3 two
+def test_matches_unfused_across_blocks(kind):
+    counts = [20, 0, 1, 9]  # blocks of 8 rows: expert 0 spans three blocks, expert 3 two
     torch.manual_seed(0)
     x = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
     w_in, w_out = weights(4, 8, 4, kind)
     g = torch.randn(sum(counts), 8, dtype=torch.float64)
-    grads = torch.autograd.grad(expert_mlp(x, w_in, w_out, counts, kind), (x, w_in, w_out), g)
+
+    def blocked(x, w_in, w_out):
+        return expert_mlp(x, w_in, w_out, counts, kind, max_block_rows=8)
+
+    grads = torch.autograd.grad(blocked(x, w_in, w_out), (x, w_in, w_out), g)
     ref = torch.autograd.grad(unfused(x, w_in, w_out, counts, kind), (x, w_in, w_out), g)
-    torch.testing.assert_close(expert_mlp(x, w_in, w_out, counts, kind),
+    assert torch.autograd.gradcheck(blocked, (x, w_in, w_out))
+    torch.testing.assert_close(blocked(x, w_in, w_out),
                                unfused(x, w_in, w_out, counts, kind))
     for a, b in zip(grads, ref, strict=True):
         torch.testing.assert_close(a, b)
@@ -97,7 +81,7 @@ def test_bank_on_cpu_equals_the_grouped_gemm_path(kind):
     counts = [5, 0, 7, 2]
     x = torch.randn(sum(counts), 8)
     h = grouped_matmul(x, bank.w_in, counts)
-    want = grouped_matmul(expert_activation(h, kind), bank.w_out, counts)
+    want = grouped_matmul(activation(h, kind), bank.w_out, counts)
     torch.testing.assert_close(bank.forward_slices(x, counts), want)
 
 
