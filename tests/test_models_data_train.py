@@ -1,14 +1,12 @@
-"""The real-text data, the small transformer, the training loop and the MoE-vs-dense benchmark.
+"""The real-text data, the small transformer and the training loop.
 
-moe_lib.data, moe_lib.models, moe_lib.train and bench/moe_vs_dense.py: shapes, deterministic and
-disjoint splits, the character-class table, FFN parameter counts, the history table of train(),
-and argument checks that name the argument. Everything runs on tiny sizes (a few seconds).
+moe_lib.data, moe_lib.models and moe_lib.train: shapes, deterministic and disjoint splits, the
+character-class table, FFN parameter counts, the history table of train(), and argument checks
+that name the argument. Everything runs on tiny sizes (a few seconds). The MoE-vs-dense
+experiment built on them is tested in test_bench.py.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,20 +28,6 @@ from moe_lib.data import (
 )
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
 from moe_lib.train import evaluate, train
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def bench_module():
-    """bench/moe_vs_dense.py, imported from the repository root."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import moe_vs_dense
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return moe_vs_dense
-
 
 # --------------------------------------------------------------------------------------- data
 
@@ -293,36 +277,3 @@ def test_train_errors_name_the_argument(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         train(Transformer(tiny()), _copy_task(), progress=False, **args)
 
-
-# -------------------------------------------------------------------------------------- bench
-
-
-def test_bench_configs_match_active_and_total(bench_module):
-    s = dict(bench_module.QUICK, d_model=16, n_heads=2, h=8, seq_len=16)
-    cfgs = bench_module.model_configs(s)
-    assert set(cfgs) == {"moe", "dense_active", "dense_total"}
-    counts = {name: ffn_parameter_counts(Transformer(c)) for name, c in cfgs.items()}
-    router = s["n_layers"] * s["d_model"] * bench_module.NUM_EXPERTS
-    assert counts["dense_active"]["total"] == counts["moe"]["active"] - router
-    assert counts["dense_total"]["total"] == counts["moe"]["total"] - router
-    assert cfgs["moe"].moe["top_k"] == bench_module.TOP_K
-
-
-def test_bench_run_and_summary(bench_module):
-    s = dict(bench_module.QUICK, d_model=16, n_layers=1, n_heads=2, h=8, seq_len=16, batch=4,
-             steps=2, max_bytes=20_000, eval_batches=2)
-    kept: dict = {}
-    results = bench_module.run(s, [0, 1], "cpu", progress=False, keep=kept)
-    names = ("moe", "dense_active", "dense_total")
-    assert set(kept) == {(m, seed) for m in names for seed in (0, 1)}
-    assert all(isinstance(m, Transformer) and not m.training for m in kept.values())
-    assert len(results) == 6 and {r["model"] for r in results} == {"moe", "dense_active",
-                                                                     "dense_total"}
-    for r in results:
-        assert r["val_loss"] > 0 and r["curve"]["step"] == [0, 1]
-    out = bench_module.summary(results, [0, 1])
-    assert out["seeds"] == [0, 1]
-    mean = sum(r["val_loss"] for r in results if r["model"] == "moe") / 2
-    assert out["moe_val_loss"] == pytest.approx(mean)
-    assert out["moe_active_params"] < out["moe_total_params"]
-    assert out["dense_active_params"] < out["dense_total_params"]

@@ -1,0 +1,131 @@
+"""The slow reference implementations, written as blog posts and model code write them.
+
+They are slow on purpose: the dispatch benchmark (:mod:`moe_lib.bench.dispatch`) measures the
+fast path against them. Each takes the router and expert weights of an existing top-k
+:class:`~moe_lib.layer.MoE` (router "topk", renormalised weights, no capacity), so that their
+outputs can be checked against it:
+
+- :class:`MaskLoopMoE`, the tutorial form: per expert, a boolean mask of its tokens, then
+  ``y[mask] += w * E(x[mask])``;
+- :class:`IndexAddMoE`, the form of Hugging Face's ``MixtralSparseMoeBlock``: one-hot expert
+  mask, ``torch.where``, ``index_add_``;
+- :class:`GroupedMMBank`, an expert bank whose slices always run through ``torch._grouped_mm``
+  (on a CPU too, where the library does not choose it).
+
+With ``p = softmax(x W_g): [T, E]`` and ``(w, e) = topk(p, k)``, each computes
+``y_t = sum_j (w_tj / sum_i w_ti) * E_{e_tj}(x_t)``: ``x: [T, d] -> y: [T, d]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lib.activations import activation
+from moe_lib.checks import check_tensor, check_type
+from moe_lib.experts import ExpertBank, FeedForward
+from moe_lib.layer import MoE
+
+
+def expert_list(bank: ExpertBank) -> nn.ModuleList:
+    """One ``FeedForward`` per expert with the bank's weights (separate parameters, as in HF)."""
+    check_type("bank", bank, ExpertBank)
+    experts = nn.ModuleList()
+    for e in range(bank.num_experts):
+        ffn = FeedForward(bank.d_model, bank.d_hidden, bank.kind)
+        ffn.w_in.data.copy_(bank.w_in.data[e])
+        ffn.w_out.data.copy_(bank.w_out.data[e])
+        experts.append(ffn)
+    return experts
+
+
+def _check_topk_layer(moe: object) -> MoE:
+    check_type("moe", moe, MoE)
+    c = moe.config
+    if c.router != "topk" or c.weighting != "renormalize" or c.capacity_factor is not None:
+        raise ValueError("moe must be a top-k layer with router='topk', renormalised weights "
+                         "and no capacity (the form these baselines compute), got "
+                         f"router={c.router!r}, weighting={c.weighting!r}, "
+                         f"capacity_factor={c.capacity_factor}")
+    return moe
+
+
+class _Baseline(nn.Module):
+    """The shared parts: the layer's router weights (shared) and a copy of its experts."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        moe = _check_topk_layer(moe)
+        self.gate = moe.router.gate  # shared router weights
+        self.experts = expert_list(moe.experts)
+        self.k = moe.top_k
+        self.num_experts = moe.num_experts
+        self.d_model = moe.d_model
+
+    def _check_input(self, x: Tensor) -> None:
+        check_tensor("x", x, dims=2, kind="float", shape=(None, self.d_model),
+                     device=self.gate.weight.device)
+
+
+class MaskLoopMoE(_Baseline):
+    """The tutorial form: per expert, a mask of its tokens, then ``y[mask] += w * E(x[mask])``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        probs = self.gate(x).softmax(dim=-1)  # [T, E]
+        weights, ids = probs.topk(self.k, dim=-1)  # [T, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            chosen = ids == e  # [T, k]
+            mask = chosen.any(dim=-1)  # [T] tokens that picked expert e
+            if not mask.any():
+                continue
+            w = (weights * chosen).sum(dim=-1, keepdim=True)  # [T, 1] their weight for e
+            y[mask] += w[mask] * expert(x[mask])
+        return y
+
+
+class IndexAddMoE(_Baseline):
+    """The Hugging Face Mixtral form: one-hot expert mask, ``torch.where``, ``index_add_``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        router_logits = self.gate(x)  # [T, E]
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected = torch.topk(routing_weights, self.k, dim=-1)  # [T, k]
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(x.dtype)
+        final = torch.zeros_like(x)
+        expert_mask = F.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)  # [E,k,T]
+        for e in range(self.num_experts):
+            slot, token = torch.where(expert_mask[e])
+            if token.numel() == 0:
+                continue
+            out = self.experts[e](x[token]) * routing_weights[token, slot, None]
+            final.index_add_(0, token, out.to(x.dtype))
+        return final
+
+
+class GroupedMMBank(ExpertBank):
+    """An expert bank whose slices always run through ``torch._grouped_mm`` (any device):
+    ``h = x_sorted @ w_in[e]`` and ``act(h) @ w_out[e]`` on expert e's rows, one kernel each."""
+
+    def forward_slices(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+        """``x_sorted: [n, d_model]``, rows grouped by expert (``counts[e]`` rows for expert e)
+        -> ``[n, d_model]`` in the same order."""
+        check_tensor("x_sorted", x_sorted, dims=2, kind="float", shape=(None, self.d_model),
+                     device=self.w_in.device)
+        if not isinstance(counts, list) or len(counts) != self.num_experts:
+            raise ValueError(f"counts must be a list of {self.num_experts} row counts, got "
+                             f"{counts!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"counts must hold ints >= 0, got {counts}")
+        if sum(counts) != x_sorted.shape[0]:
+            raise ValueError(f"counts must sum to the {x_sorted.shape[0]} rows of x_sorted, got "
+                             f"{sum(counts)}")
+        offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x_sorted, self.w_in.to(x_sorted.dtype), offs=offs)
+        act = activation(h, self.kind)
+        return torch._grouped_mm(act, self.w_out.to(x_sorted.dtype), offs=offs)
