@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lib.checks import check_choice, check_positive_int
+from moe_lib.checks import check_choice, check_positive_int, check_tensor
 
 EXPERT_KINDS = ("relu", "gelu", "swiglu")
 
@@ -45,12 +45,14 @@ def activation(h: Tensor, kind: str, silu_gate_out: Tensor | None = None) -> Ten
     ``silu_gate_out: [n, d_hidden]`` (SwiGLU only, no autograd): a buffer that receives
     ``silu(gate)``, which the kernels save for their backward pass.
     """
+    check_tensor("h", h, kind="float")
     if kind == "relu":
         return F.relu(h)
     if kind == "gelu":
         return F.gelu(h)
     if kind != "swiglu":
         check_choice("kind", kind, EXPERT_KINDS)
+    _check_swiglu_width(h)
     gate, up = h.chunk(2, dim=-1)
     if silu_gate_out is None:
         return F.silu(gate) * up
@@ -58,9 +60,19 @@ def activation(h: Tensor, kind: str, silu_gate_out: Tensor | None = None) -> Ten
     return silu_gate_out * up
 
 
+def _check_swiglu_width(h: Tensor) -> None:
+    if h.dim() == 0 or h.shape[-1] % 2:
+        raise ValueError(f"h must end in an even number of columns [gate | up] for kind='swiglu', "
+                         f"got shape {tuple(h.shape)}")
+
+
 def activation_from_saved(h: Tensor, silu_gate: Tensor | None, kind: str) -> Tensor:
     """The activation again from what a kernel saved: ``h`` (and ``silu(gate)`` for SwiGLU)."""
+    check_tensor("h", h, kind="float")
+    check_choice("kind", kind, EXPERT_KINDS)
     if kind == "swiglu":
+        _check_swiglu_width(h)
+        check_tensor("silu_gate", silu_gate, kind="float", shape=(*h.shape[:-1], h.shape[-1] // 2))
         return silu_gate * h.chunk(2, dim=-1)[1]
     return activation(h, kind)
 
@@ -76,12 +88,15 @@ def activation_backward(
       into one ``[n, 2 * d_hidden]`` buffer (autograd's ``chunk`` backward would concatenate two
       halves: one more full pass). ``silu_gate``: ``silu(gate)`` if saved, else recomputed.
     """
+    check_tensor("h", h, kind="float")
+    check_tensor("grad_act", grad_act, kind="float", device=h.device)
     if kind == "relu":
         return grad_act * (h > 0)
     if kind == "gelu":
         return _gelu_backward(grad_act, h, grad_input=torch.empty_like(h))
     if kind != "swiglu":
         check_choice("kind", kind, EXPERT_KINDS)
+    _check_swiglu_width(h)
     gate, up = h.chunk(2, dim=-1)
     if silu_gate is None:
         silu_gate = F.silu(gate)

@@ -22,20 +22,26 @@ def _type_name(value: object) -> str:
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
     """Raise unless ``value`` is an int in ``[low, high]`` (either bound may be None; bools are
     refused: ``True`` is not a count)."""
-    allowed = _int_range_text(low, high)
+    allowed = _range_text(low, high)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int {allowed}, got {_type_name(value)} {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be an int {allowed}, got {value}")
 
 
-def _int_range_text(low: int | None, high: int | None) -> str:
+def _range_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
+    """"in [0, 1)", ">= 1", "<= 5" or "" for the bounds of an allowed range."""
+
+    def show(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
     if low is not None and high is not None:
-        return f"in [{low}, {high}]"
+        return (f"in {'(' if low_open else '['}{show(low)}, {show(high)}"
+                f"{')' if high_open else ']'}")
     if low is not None:
-        return f">= {low}"
+        return f"{'>' if low_open else '>='} {show(low)}"
     if high is not None:
-        return f"<= {high}"
+        return f"{'<' if high_open else '<='} {show(high)}"
     return ""
 
 
@@ -71,7 +77,7 @@ def check_real(
     ``low_open`` / ``high_open`` exclude the bound itself: ``check_real("p", p, 0, 1,
     low_open=True)`` allows (0, 1].
     """
-    allowed = _real_range_text(low, high, low_open, high_open)
+    allowed = _range_text(low, high, low_open, high_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a finite number {allowed}, got {_type_name(value)} "
                         f"{value!r}")
@@ -82,16 +88,6 @@ def check_real(
     too_high = high is not None and (v >= high if high_open else v > high)
     if too_low or too_high:
         raise ValueError(f"{name} must be a finite number {allowed}, got {value}")
-
-
-def _real_range_text(low, high, low_open, high_open) -> str:
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
-    return ""
 
 
 def check_nonnegative(name: str, value: object) -> None:

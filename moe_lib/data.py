@@ -67,7 +67,8 @@ def split_bounds(n: int) -> dict[str, tuple[int, int]]:
 
 def read_bytes(path: Path) -> bytes:
     """A source file's bytes with Windows line ends normalised."""
-    return path.read_bytes().replace(b"\r\n", b"\n")
+    check_type("path", path, (Path, str))
+    return Path(path).read_bytes().replace(b"\r\n", b"\n")
 
 
 @dataclass

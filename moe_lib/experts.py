@@ -31,6 +31,7 @@ def _uniform_(w: Tensor, fan_in: int) -> Tensor:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the expert GEMMs: the autocast dtype inside ``torch.autocast`` on x's device
     (for a floating x), else ``x.dtype``."""
+    check_tensor("x", x, kind="float")
     dev = x.device.type
     if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)

@@ -62,6 +62,10 @@ def expert_blocks(counts: list[int], rows: int) -> Iterator[tuple[int, int, int]
     [(0, 0, 2), (0, 2, 3), (2, 3, 5)]
     """
     check_positive_int("rows", rows)
+    if not isinstance(counts, (list, tuple)) or any(
+        isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts
+    ):
+        raise TypeError(f"counts must be a list of ints >= 0, got {counts!r:.80}")
     start = 0
     for e, c in enumerate(counts):
         for s in range(start, start + c, rows):
@@ -232,6 +236,8 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     torch falls back to a loop of one GEMM per group, as :class:`SliceMatmul` does, and on a CPU
     it was measured no faster (``python -m moe_lib.bench.dispatch``). Probed once per device.
     """
+    check_tensor("x", x, kind="float")
+    check_tensor("w", w, kind="float")
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or w.dtype != x.dtype:
         return False
     if not hasattr(torch, "_grouped_mm"):
@@ -316,6 +322,10 @@ def gather_sum(rows: Tensor, pos: Tensor, weights: Tensor | None = None) -> Tens
     ``[T, k, d]`` intermediate; on a CPU 2-3x faster than an ``index_select`` then a sum.
     ``weights: [T, k]`` or None (all ones).
     """
+    check_tensor("rows", rows, dims=2, kind="float")
+    check_tensor("pos", pos, dims=2, kind="int", device=rows.device)
+    if weights is not None:
+        check_tensor("weights", weights, kind="float", shape=tuple(pos.shape), device=rows.device)
     return F.embedding_bag(pos, rows, mode="sum", per_sample_weights=weights)
 
 
@@ -385,6 +395,9 @@ def permute_rows(x: Tensor, src: Tensor, pos: Tensor) -> Tensor:
 
     ``src: [n]`` int64 token of each sorted row; ``pos: [T, k]`` int64 sorted row of each copy.
     """
+    check_tensor("x", x, dims=2, kind="float")
+    check_tensor("src", src, dims=1, kind="int", device=x.device)
+    check_tensor("pos", pos, dims=2, kind="int", shape=(x.shape[0], None), device=x.device)
     return PermuteRows.apply(x, src, pos)
 
 
@@ -394,4 +407,9 @@ def unpermute_combine_rows(out: Tensor, weights: Tensor, src: Tensor, pos: Tenso
 
     ``order: [T * k]`` flat copy index of each sorted row (dropped copies last).
     """
+    check_tensor("out", out, dims=2, kind="float")
+    check_tensor("weights", weights, dims=2, kind="float", device=out.device)
+    check_tensor("src", src, dims=1, kind="int", shape=(out.shape[0],), device=out.device)
+    check_tensor("pos", pos, dims=2, kind="int", shape=tuple(weights.shape), device=out.device)
+    check_tensor("order", order, dims=1, kind="int", shape=(pos.numel(),), device=out.device)
     return UnpermuteCombine.apply(out, weights, src, pos, order)

@@ -171,9 +171,10 @@ class ParameterCounts(NamedTuple):
 class MoEOutput:
     """What an MoE layer returns.
 
-    ``y: [..., d_model]`` in the input's dtype; ``aux_loss``: float32 scalar, the configured losses
-    weighted by their coefficients (zero if none); ``routing``: the :class:`Routing` record
-    (over the flattened ``[tokens, ...]``); ``losses``: each configured loss, unweighted.
+    ``y: [..., d_model]`` in the input's dtype; ``aux_loss``: a scalar, the configured losses
+    weighted by their coefficients (zero if none), float32 (float64 for float64 input, like the
+    router's maths); ``routing``: the :class:`Routing` record (over the flattened
+    ``[tokens, ...]``); ``losses``: each configured loss, unweighted.
     """
 
     y: Tensor
@@ -184,6 +185,8 @@ class MoEOutput:
 
 def build_router(config: MoEConfig) -> DenseRouter:
     """The router a configuration asks for."""
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be an MoEConfig, got {type(config).__name__}")
     if config.router == "dense":
         return DenseRouter(config.d_model, config.num_experts)
     if config.router == "topk":

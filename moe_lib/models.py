@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lib.checks import check_choice, check_positive_int, check_real, check_tensor
+from moe_lib.checks import check_choice, check_positive_int, check_real, check_tensor, check_type
 from moe_lib.experts import FeedForward
 from moe_lib.layer import MoE, MoEConfig
 from moe_lib.routing import Routing
@@ -99,6 +99,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
+        check_type("cfg", cfg, TransformerConfig)
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -123,6 +124,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
+        check_type("cfg", cfg, TransformerConfig)
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
@@ -146,6 +148,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
+        check_type("cfg", cfg, TransformerConfig)
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)

@@ -9,6 +9,9 @@ import torch
 from moe_lib.checks import check_int
 from moe_lib.runtime import default_device, import_extra, seed_everything
 
+plt = import_extra("matplotlib.pyplot", "book")
+sns = import_extra("seaborn", "book")
+
 THREADS_ENV = "MOE_BOOK_THREADS"
 QUICK_ENV = "MOE_BOOK_QUICK"
 
@@ -22,8 +25,6 @@ def setup(seed: int = 0) -> tuple[torch.device, bool]:
     small, and extra intra-op threads only add overhead (10x and more on a busy machine).
     """
     check_int("seed", seed, low=0, high=2**32 - 1)
-    plt = import_extra("matplotlib.pyplot", "book")
-    sns = import_extra("seaborn", "book")
 
     seed_everything(seed)
     device = default_device()

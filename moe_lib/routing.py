@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lib.checks import (
+    check_bool,
     check_choice,
     check_int_range,
     check_nonnegative,
@@ -81,6 +82,7 @@ class Routing:
 
         ``kept_only=True`` zeroes the assignments that capacity dropped.
         """
+        check_bool("kept_only", kept_only)
         w = self.kept_weights if kept_only else self.weights
         g = w.new_zeros(self.num_tokens, self.num_experts)
         return g.scatter_add(1, self.expert_ids, w)
@@ -90,7 +92,9 @@ class Routing:
         return torch.bincount(self.expert_ids.reshape(-1), minlength=self.num_experts)
 
     def with_kept(self, kept: Tensor) -> Routing:
-        """A copy with a new ``kept`` mask and ``tokens_per_expert`` recounted from it."""
+        """A copy with a new ``kept: [T, k]`` bool mask and ``tokens_per_expert`` recounted."""
+        check_tensor("kept", kept, kind="bool", shape=tuple(self.expert_ids.shape),
+                     device=self.expert_ids.device)
         ids = self.expert_ids[kept]
         counts = torch.bincount(ids, minlength=self.num_experts)
         return replace(self, kept=kept, tokens_per_expert=counts)
@@ -98,12 +102,15 @@ class Routing:
 
 def router_dtype(x: Tensor) -> torch.dtype:
     """float32 for bf16/fp16/fp32 input, float64 for float64: never narrower than float32."""
+    check_tensor("x", x, kind="float")
     return torch.promote_types(x.dtype, torch.float32)
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Switch ``torch.autocast`` off on ``device`` inside the block (the router's maths must not
     drop to bfloat16/float16); a no-op for device types autocast does not know."""
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()

@@ -40,7 +40,8 @@ def tiny_layer(router="topk", dispatch="sorted", expert="swiglu"):
     """A float64 eval-mode layer: d_model 3, d_hidden 2, 3 experts, top-2 (for gradcheck)."""
     torch.manual_seed(0)
     top_k = None if router == "dense" else 2
-    return MoE(3, 2, 3, top_k=top_k, router=router, dispatch=dispatch, expert=expert).double().eval()
+    layer = MoE(3, 2, 3, top_k=top_k, router=router, dispatch=dispatch, expert=expert)
+    return layer.double().eval()
 
 
 def layer_pair(d=6, h=5, seed=0, **kwargs):
@@ -71,3 +72,21 @@ def unfused_experts(x, w_in, w_out, counts, kind):
     """The reference for the expert kernels: one matmul per expert slice, autograd throughout."""
     outs = [activation(rows @ w_in[e], kind) @ w_out[e] for e, rows in enumerate(x.split(counts))]
     return torch.cat(outs) if outs else x.new_zeros(0, w_out.shape[-1])
+
+
+def tiny_lm_settings(**overrides):
+    """moe_lib.bench.moe_vs_dense.QUICK shrunk to a one-layer model that trains in a blink."""
+    from dataclasses import replace
+
+    from moe_lib.bench.moe_vs_dense import QUICK
+
+    small = dict(d_model=16, n_layers=1, n_heads=2, h=8, seq_len=16, batch=4, steps=2,
+                 max_bytes=20_000, eval_batches=2)
+    return replace(QUICK, **{**small, **overrides})
+
+
+def bench_impls(names=None, d=8, h=8, E=4, k=2, dtype=torch.float32, seed=0):
+    """moe_lib.bench.impls.build_impls at a tiny size (all registered names by default)."""
+    from moe_lib.bench.impls import IMPLS, build_impls
+
+    return build_impls(d, h, E, k, "cpu", dtype, IMPLS if names is None else names, seed=seed)

@@ -1,5 +1,6 @@
 """The MoE layer's public contract: shapes, dtypes, argument checks, edge cases (moe_lib.layer)."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -136,9 +137,10 @@ def test_input_errors(x, exc, word):
 
 
 @pytest.mark.parametrize("router", ["dense", "topk", "noisy_topk"])
-@pytest.mark.parametrize("dispatch", ["loop", "sorted"])
+@pytest.mark.parametrize("dispatch", ["loop", "sorted", "dense"])
 @pytest.mark.parametrize("cf", [None, 0.5])
 @pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
+@pytest.mark.filterwarnings("ignore:balance_loss='importance' without")  # not about the loss
 def test_zero_tokens(router, dispatch, cf, shape):
     layer = MoE(D, H, E, top_k=k_for(router), router=router, dispatch=dispatch, capacity_factor=cf,
                 balance_loss="importance", z_loss_coef=1e-3)
@@ -172,3 +174,72 @@ def test_parameters_get_gradients_from_y_and_aux_loss():
     assert layer.router.gate.weight.grad.abs().sum() > 0  # losses train the router
     out.y.sum().backward()
     assert all(p.grad.abs().sum() > 0 for p in layer.experts.parameters())
+
+
+@pytest.mark.parametrize("router", ["dense", "topk", "noisy_topk"])
+@pytest.mark.parametrize("dispatch", ["loop", "sorted", "dense"])
+def test_router_stays_float32_under_autocast(router, dispatch):
+    """Inside torch.autocast(bfloat16) the router's maths stays float32 and gives the routing of
+    the same layer without autocast; the experts run in bfloat16."""
+    torch.manual_seed(0)
+    layer = MoE(D, H, E, top_k=k_for(router), router=router, dispatch=dispatch,
+                balance_loss="switch", z_loss_coef=1e-3).train()
+    x = torch.randn(32, D)
+    torch.manual_seed(1)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)  # the same noise for the noisy router
+        out = layer(x)
+    r = out.routing
+    assert r.logits.dtype == r.probs.dtype == r.weights.dtype == torch.float32
+    assert out.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(r.logits, ref.routing.logits)
+    assert torch.equal(r.expert_ids, ref.routing.expert_ids)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    assert out.y.dtype == torch.float32  # the input's dtype
+    torch.testing.assert_close(out.y, ref.y, atol=0.05, rtol=0.05)  # bfloat16 experts
+    assert not torch.equal(out.y, ref.y)
+
+
+def test_second_derivatives_loop_works_sorted_refuses_clearly():
+    """The loop dispatch is plain autograd: gradgradcheck passes. The sorted path's kernels are
+    once-differentiable: a gradient with create_graph=True still works, and differentiating it
+    again raises an error that says so (not an internal out= error)."""
+    torch.manual_seed(0)
+    loop = MoE(3, 2, 3, top_k=2, dispatch="loop", expert="gelu").double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: loop(t).y, (x,))
+
+    fast = MoE(3, 2, 3, top_k=2, dispatch="sorted", expert="gelu").double().eval()
+    fast.load_state_dict(loop.state_dict())
+    (g_fast,) = torch.autograd.grad(fast(x).y.pow(2).sum(), x, create_graph=True)
+    (g_loop,) = torch.autograd.grad(loop(x).y.pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(g_fast, g_loop)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g_fast.sum().backward()
+
+
+def test_config_round_trips_and_is_frozen():
+    layer = MoE(D, H, E, top_k=1, router="topk", balance_loss="switch", capacity_factor=1.25)
+    c = layer.config
+    assert (c.weighting, c.balance_coef, c.dispatch, c.noise_scale) == ("raw", 1e-2, "sorted",
+                                                                        None)
+    assert MoE.from_config(c).config == c == MoE(**c.to_dict()).config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.top_k = 2
+    layer.capacity_factor = 2.0  # a new, checked config; same weights
+    assert layer.config.capacity_factor == 2.0 and layer.config.top_k == 1
+
+
+def test_parameter_counts():
+    for router in ("dense", "topk", "noisy_topk"):
+        layer = MoE(D, H, E, top_k=k_for(router), router=router, expert="swiglu")
+        counts = layer.parameter_counts()
+        router_params = sum(p.numel() for p in layer.router.parameters())
+        assert counts.total == sum(p.numel() for p in layer.parameters())
+        assert counts.active == router_params + layer.top_k * 3 * D * H
+
+
+def test_importance_loss_without_noise_warns():
+    with pytest.warns(UserWarning, match="no gradient"):
+        MoE(D, H, E, top_k=K, router="topk", balance_loss="importance")

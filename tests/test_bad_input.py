@@ -1,0 +1,414 @@
+"""Bad input, across moe_lib's whole public API: every public function and class refuses it before
+any work with a ValueError or TypeError that names the argument.
+
+Each case is ``(what, call, exception, word)``: ``call()`` must raise ``exception`` with ``word``
+(the argument's name, or the allowed range) in its message. The last test checks that every
+public function and class of the core, models, data, train and presentation modules has at
+least one case here, so a new public name cannot skip its checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+import moe_lib
+from moe_lib import (
+    ExpertBank,
+    FeedForward,
+    MoE,
+    MoEConfig,
+    Permutation,
+    activations,
+    capacity,
+    data,
+    dispatch,
+    kernels,
+    losses,
+    permute,
+    routing,
+    runtime,
+    stats,
+)
+from moe_lib.models import Block, SelfAttention, Transformer, TransformerConfig
+from tests.helpers import random_routing
+
+R = random_routing(4, 3, 2)  # 4 tokens, 3 experts, top-2
+X = torch.randn(4, 5)
+BANK = ExpertBank(3, 5, 4, "swiglu")
+W_IN, W_OUT = torch.randn(3, 5, 8), torch.randn(3, 4, 5)
+HUGE = 1e308
+NAN, INF = float("nan"), float("inf")
+
+
+def perm():
+    return Permutation.from_routing(R)
+
+
+CASES = [
+    # ---------------------------------------------------------------- runtime
+    ("runtime.seed_everything", lambda: runtime.seed_everything(-1), ValueError, "seed"),
+    ("runtime.seed_everything", lambda: runtime.seed_everything(2**40), ValueError, "seed"),
+    ("runtime.seed_everything", lambda: runtime.seed_everything(1.5), TypeError, "seed"),
+    ("runtime.as_device", lambda: runtime.as_device("gpu0"), ValueError, "device"),
+    ("runtime.as_device", lambda: runtime.as_device(0), TypeError, "device"),
+    ("runtime.synchronize", lambda: runtime.synchronize("nowhere"), ValueError, "device"),
+    ("runtime.cpu_threads", lambda: runtime.cpu_threads(0).__enter__(), ValueError, "n"),
+    ("runtime.cpu_threads", lambda: runtime.cpu_threads(True).__enter__(), TypeError, "n"),
+    ("runtime.import_extra", lambda: runtime.import_extra("no_such_module_xyz", "book"),
+     ImportError, "moe_lib[book]"),
+    ("runtime.import_extra", lambda: runtime.import_extra(None, "book"), TypeError, "module"),
+    # ---------------------------------------------------------------- activations
+    ("activations.in_width", lambda: activations.in_width(0, "relu"), ValueError, "d_hidden"),
+    ("activations.in_width", lambda: activations.in_width(4, "tanh"), ValueError, "kind"),
+    ("activations.ffn_params", lambda: activations.ffn_params(-1, 4, "relu"), ValueError,
+     "d_model"),
+    ("activations.activation", lambda: activations.activation(X, "tanh"), ValueError, "kind"),
+    ("activations.activation", lambda: activations.activation(X.long(), "relu"), TypeError, "h"),
+    ("activations.activation", lambda: activations.activation(torch.randn(2, 3), "swiglu"),
+     ValueError, "even"),
+    ("activations.activation_from_saved",
+     lambda: activations.activation_from_saved(torch.randn(2, 4), None, "swiglu"), TypeError,
+     "silu_gate"),
+    ("activations.activation_backward",
+     lambda: activations.activation_backward([1.0], torch.randn(2, 4), "relu"), TypeError,
+     "grad_act"),
+    ("activations.activation_backward",
+     lambda: activations.activation_backward(torch.randn(2, 4), torch.randn(2, 4), "elu"),
+     ValueError, "kind"),
+    # ---------------------------------------------------------------- routing
+    ("routing.router_dtype", lambda: routing.router_dtype(torch.ones(2, dtype=torch.int32)),
+     TypeError, "x"),
+    ("routing.no_autocast", lambda: routing.no_autocast("cpu"), TypeError, "device"),
+    ("routing.make_routing", lambda: routing.make_routing(torch.tensor([[0, 3]]), torch.ones(1, 2),
+                                                          torch.zeros(1, 3)), ValueError, "[0, 2]"),
+    ("routing.make_routing", lambda: routing.make_routing(torch.tensor([[0, -1]]),
+                                                          torch.ones(1, 2), torch.zeros(1, 3)),
+     ValueError, "expert_ids"),
+    ("routing.make_routing", lambda: routing.make_routing(torch.tensor([[0.0, 1.0]]),
+                                                          torch.ones(1, 2), torch.zeros(1, 3)),
+     TypeError, "expert_ids"),
+    ("routing.make_routing", lambda: routing.make_routing(torch.tensor([[0, 1]]), torch.ones(2, 2),
+                                                          torch.zeros(1, 3)), ValueError,
+     "weights"),
+    ("routing.make_routing", lambda: routing.make_routing(torch.tensor([[0, 1]]), torch.ones(1, 2),
+                                                          torch.zeros(3)), ValueError, "logits"),
+    ("routing.topk_weights", lambda: routing.topk_weights(torch.zeros(2, 3), 4, "raw"),
+     ValueError, "k"),
+    ("routing.topk_weights", lambda: routing.topk_weights(torch.zeros(2, 3), 2, "softmax"),
+     ValueError, "weighting"),
+    ("routing.topk_weights", lambda: routing.topk_weights(torch.zeros(3), 1, "raw"), ValueError,
+     "scores"),
+    ("routing.Routing", lambda: R.gates(kept_only="yes"), TypeError, "kept_only"),
+    ("routing.Routing", lambda: R.with_kept(torch.ones(4, 2)), TypeError, "kept"),
+    ("routing.Routing", lambda: R.with_kept(torch.ones(4, 3, dtype=torch.bool)), ValueError,
+     "kept"),
+    ("routing.DenseRouter", lambda: routing.DenseRouter(0, 3), ValueError, "d_model"),
+    ("routing.DenseRouter", lambda: routing.DenseRouter(5, 3)(torch.randn(4, 6)), ValueError,
+     "x"),
+    ("routing.DenseRouter", lambda: routing.DenseRouter(5, 3)(torch.randn(2, 4, 5)), ValueError,
+     "x"),
+    ("routing.DenseRouter", lambda: routing.DenseRouter(5, 3).logits(torch.ones(4, 5).long()),
+     TypeError, "x"),
+    ("routing.TopKRouter", lambda: routing.TopKRouter(5, 3, top_k=4), ValueError, "top_k"),
+    ("routing.TopKRouter", lambda: routing.TopKRouter(5, 3, jitter_eps=1.5), ValueError,
+     "jitter_eps"),
+    ("routing.TopKRouter", lambda: routing.TopKRouter(5, 3, jitter_eps=NAN), ValueError,
+     "jitter_eps"),
+    ("routing.TopKRouter", lambda: routing.TopKRouter(5, 3, weighting=None), ValueError,
+     "weighting"),
+    ("routing.NoisyTopKRouter", lambda: routing.NoisyTopKRouter(5, 3, noise_scale=INF),
+     ValueError, "noise_scale"),
+    ("routing.NoisyTopKRouter", lambda: routing.NoisyTopKRouter(5, 3, noise_scale="1"),
+     TypeError, "noise_scale"),
+    # ---------------------------------------------------------------- capacity
+    ("capacity.expert_capacity", lambda: capacity.expert_capacity(NAN, 4, 2, 3), ValueError,
+     "capacity_factor"),
+    ("capacity.expert_capacity", lambda: capacity.expert_capacity(True, 4, 2, 3), TypeError,
+     "capacity_factor"),
+    ("capacity.expert_capacity", lambda: capacity.expert_capacity(1.0, -1, 2, 3), ValueError,
+     "num_tokens"),
+    ("capacity.expert_capacity", lambda: capacity.expert_capacity(1.0, 4, 4, 3), ValueError,
+     "top_k"),
+    ("capacity.expert_capacity", lambda: capacity.expert_capacity(1.0, 4, 2, 0), ValueError,
+     "num_experts"),
+    ("capacity.apply_capacity", lambda: capacity.apply_capacity(R, "1"), TypeError,
+     "capacity_factor"),
+    ("capacity.apply_capacity", lambda: capacity.apply_capacity(R, -1.0), ValueError,
+     "capacity_factor"),
+    ("capacity.apply_capacity", lambda: capacity.apply_capacity(R.expert_ids, 1.0), TypeError,
+     "routing"),
+    # ---------------------------------------------------------------- permute
+    ("permute.sort_by_expert", lambda: permute.sort_by_expert(None), TypeError, "routing"),
+    ("permute.Permutation", lambda: Permutation.from_routing("r"), TypeError, "routing"),
+    ("permute.permute", lambda: permute.permute(torch.randn(3, 5), perm()), ValueError, "x"),
+    ("permute.permute", lambda: permute.permute(X, (1, 2)), TypeError, "perm"),
+    ("permute.unpermute_combine", lambda: permute.unpermute_combine(torch.randn(7, 5), R.weights,
+                                                                    perm()), ValueError, "out"),
+    ("permute.unpermute_combine", lambda: permute.unpermute_combine(torch.randn(8, 5),
+                                                                    R.weights.double(), perm()),
+     TypeError, "weights"),
+    # ---------------------------------------------------------------- kernels
+    ("kernels.block_rows", lambda: kernels.block_rows(0, 4), ValueError, "h_in"),
+    ("kernels.block_rows", lambda: kernels.block_rows(8, 2.0), TypeError, "itemsize"),
+    ("kernels.expert_blocks", lambda: list(kernels.expert_blocks([2, -1], 4)), TypeError,
+     "counts"),
+    ("kernels.expert_blocks", lambda: list(kernels.expert_blocks([2, 1], 0)), ValueError, "rows"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN, W_OUT, [2, 2], "swiglu"),
+     ValueError, "counts"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN, W_OUT, [2, 2, True], "swiglu"),
+     TypeError, "counts"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN, W_OUT, [2, 2, 0], "relu"),
+     ValueError, "w_in"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN.double(), W_OUT, [2, 2, 0],
+                                                      "swiglu"), TypeError, "dtype"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN[0], W_OUT, [4], "swiglu"),
+     ValueError, "w_in"),
+    ("kernels.expert_mlp", lambda: kernels.expert_mlp(X, W_IN, W_OUT, [2, 2, 0], "swiglu",
+                                                      max_block_rows=0), ValueError,
+     "max_block_rows"),
+    ("kernels.grouped_matmul", lambda: kernels.grouped_matmul(X, W_IN, [4]), ValueError,
+     "counts"),
+    ("kernels.grouped_matmul", lambda: kernels.grouped_matmul(X, W_IN.double(), [4, 0, 0]),
+     TypeError, "dtype"),
+    ("kernels.grouped_matmul", lambda: kernels.grouped_matmul(X, torch.randn(3, 4, 2), [4, 0, 0]),
+     ValueError, "w"),
+    ("kernels.grouped_mm_available", lambda: kernels.grouped_mm_available("x", W_IN), TypeError,
+     "x"),
+    ("kernels.swiglu", lambda: kernels.swiglu(torch.randn(4, 3)), ValueError, "even"),
+    ("kernels.swiglu", lambda: kernels.swiglu(torch.randn(4)), ValueError, "h"),
+    ("kernels.gather_sum", lambda: kernels.gather_sum(X, torch.zeros(2, 2)), TypeError, "pos"),
+    ("kernels.gather_sum", lambda: kernels.gather_sum(X, torch.zeros(2, 2, dtype=torch.long),
+                                                      torch.ones(2, 3)), ValueError, "weights"),
+    ("kernels.permute_rows", lambda: kernels.permute_rows(X, perm().src.float(), perm().pos),
+     TypeError, "src"),
+    ("kernels.unpermute_combine_rows",
+     lambda: kernels.unpermute_combine_rows(torch.randn(8, 5), R.weights, perm().src,
+                                            perm().pos, perm().order[:4]), ValueError, "order"),
+    # ---------------------------------------------------------------- experts
+    ("experts.compute_dtype", lambda: moe_lib.experts.compute_dtype(None), TypeError, "x"),
+    ("experts.FeedForward", lambda: FeedForward(5, 0), ValueError, "d_hidden"),
+    ("experts.FeedForward", lambda: FeedForward(5, 4)(torch.randn(3, 6)), ValueError, "d_model"),
+    ("experts.FeedForward", lambda: FeedForward(5, 4)(torch.ones(3, 5).long()), TypeError, "x"),
+    ("experts.ExpertBank", lambda: ExpertBank(3, 5, 4, "swish"), ValueError, "kind"),
+    ("experts.ExpertBank", lambda: BANK.forward_expert(3, X), ValueError, "e"),
+    ("experts.ExpertBank", lambda: BANK.forward_all(torch.randn(4, 6)), ValueError, "x"),
+    ("experts.ExpertBank", lambda: BANK.forward_slices(X, [4, 0]), ValueError, "counts"),
+    # ---------------------------------------------------------------- dispatch
+    ("dispatch.dispatch_loop", lambda: dispatch.dispatch_loop(X[:3], R, BANK), ValueError, "x"),
+    ("dispatch.dispatch_sorted", lambda: dispatch.dispatch_sorted(X, "R", BANK), TypeError,
+     "routing"),
+    ("dispatch.dispatch_sorted", lambda: dispatch.dispatch_sorted(X, random_routing(4, 4, 2),
+                                                                  BANK), ValueError, "experts"),
+    ("dispatch.dispatch_dense", lambda: dispatch.dispatch_dense(X, R, FeedForward(5, 4)),
+     TypeError, "experts"),
+    # ---------------------------------------------------------------- losses
+    ("losses.cv_squared", lambda: losses.cv_squared(torch.ones(2, 2)), ValueError, "v"),
+    ("losses.cv_squared", lambda: losses.cv_squared([1.0, 2.0]), TypeError, "v"),
+    ("losses.importance", lambda: losses.importance(None), TypeError, "routing"),
+    ("losses.importance_loss", lambda: losses.importance_loss(X), TypeError, "routing"),
+    ("losses.smooth_load", lambda: losses.smooth_load({}), TypeError, "routing"),
+    ("losses.load_loss", lambda: losses.load_loss(1), TypeError, "routing"),
+    ("losses.switch_loss", lambda: losses.switch_loss("routing"), TypeError, "routing"),
+    ("losses.z_loss", lambda: losses.z_loss(R.logits), TypeError, "routing"),
+    # ---------------------------------------------------------------- stats
+    ("stats.expert_shares", lambda: stats.expert_shares(R, kept_only=None), TypeError,
+     "kept_only"),
+    ("stats.load_cv", lambda: stats.load_cv(None), TypeError, "routing"),
+    ("stats.max_violation", lambda: stats.max_violation(R.tokens_per_expert), TypeError,
+     "routing"),
+    ("stats.drop_rate", lambda: stats.drop_rate([R]), TypeError, "routing"),
+    ("stats.utilisation_by_group", lambda: stats.utilisation_by_group(R, torch.arange(4), 3),
+     ValueError, "groups"),
+    ("stats.mean_gate_by_group", lambda: stats.mean_gate_by_group(R, torch.zeros(3).long(), 1),
+     ValueError, "groups"),
+    ("stats.shares_over_steps", lambda: stats.shares_over_steps(()), ValueError, "routings"),
+    # ---------------------------------------------------------------- layer
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, capacity_factor=HUGE * 10), ValueError,
+     "capacity_factor"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, top_k=None, router="dense", weighting="raw"),
+     ValueError, "weighting"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, noise_scale=0.5), ValueError, "noise_scale"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, balance_coef=0.1), ValueError,
+     "balance_coef"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, z_loss_coef=INF), ValueError, "z_loss_coef"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, top_k=2, router="dense"), ValueError,
+     "top_k"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, None), TypeError, "num_experts"),
+    ("layer.MoEConfig", lambda: MoEConfig(8, 4, 4, dispatch="sorted "), ValueError, "dispatch"),
+    ("layer.build_router", lambda: moe_lib.layer.build_router({"router": "topk"}), TypeError,
+     "config"),
+    ("layer.MoE", lambda: MoE(8, 4, 4, capacity_factor=NAN), ValueError, "capacity_factor"),
+    ("layer.MoE", lambda: MoE(8, 4, 4)(torch.randn(3, 8, dtype=torch.complex64)), TypeError,
+     "dtype"),
+    ("layer.MoE", lambda: MoE(8, 4, 4).from_config({"d_model": 8}), TypeError, "config"),
+    ("layer.MoE", lambda: MoE(8, 4, 4).aux_losses(None), TypeError, "routing"),
+    ("layer.MoE", lambda: setattr(MoE(8, 4, 4), "capacity_factor", 0.0), ValueError,
+     "capacity_factor"),
+    # ---------------------------------------------------------------- models
+    ("models.TransformerConfig", lambda: TransformerConfig(ffn="dense", moe={"top_k": 1}),
+     ValueError, "moe"),
+    ("models.TransformerConfig", lambda: TransformerConfig(moe={"d_model": 8}), ValueError,
+     "d_model"),
+    ("models.TransformerConfig", lambda: TransformerConfig(moe=[("top_k", 1)]), TypeError, "moe"),
+    ("models.TransformerConfig", lambda: TransformerConfig(moe=MoEConfig(32, 128, 4)),
+     ValueError, "d_model"),
+    ("models.TransformerConfig", lambda: TransformerConfig(moe={"num_experts": 0}), ValueError,
+     "num_experts"),
+    ("models.TransformerConfig", lambda: TransformerConfig(dropout=NAN), ValueError, "dropout"),
+    ("models.TransformerConfig", lambda: TransformerConfig(num_classes=3), ValueError,
+     "num_classes"),
+    ("models.SelfAttention", lambda: SelfAttention({"d_model": 8}), TypeError, "cfg"),
+    ("models.Block", lambda: Block(None), TypeError, "cfg"),
+    ("models.Transformer", lambda: Transformer("lm"), TypeError, "cfg"),
+    ("models.Transformer", lambda: Transformer(TransformerConfig(seq_len=8))(
+        torch.full((2, 4), 256)), ValueError, "vocab_size"),
+    ("models.Transformer", lambda: Transformer(TransformerConfig(seq_len=8))(
+        torch.zeros(2, 0, dtype=torch.long)), ValueError, "positions"),
+    ("models.Transformer", lambda: Transformer(TransformerConfig(seq_len=8))(torch.zeros(2, 4)),
+     TypeError, "idx"),
+    ("models.ffn_parameter_counts", lambda: moe_lib.models.ffn_parameter_counts(MoE(8, 4, 4)),
+     TypeError, "model"),
+    # ---------------------------------------------------------------- data
+    ("data.package_files", lambda: data.package_files("../etc"), ValueError, "package"),
+    ("data.package_files", lambda: data.package_files(None), TypeError, "package"),
+    ("data.split_bounds", lambda: data.split_bounds(-1), ValueError, "n"),
+    ("data.read_bytes", lambda: data.read_bytes(3), TypeError, "path"),
+    ("data.load_code_corpus", lambda: data.load_code_corpus("json"), TypeError,
+     "packages"),
+    ("data.load_code_corpus", lambda: data.load_code_corpus(()), ValueError, "packages"),
+    ("data.load_code_corpus", lambda: data.load_code_corpus(("json",), max_bytes=3),
+     ValueError, "empty"),
+    ("data.lm_batch", lambda: data.lm_batch(torch.zeros(100).long(), 0, 8,
+                                                    torch.Generator()), ValueError, "batch_size"),
+    ("data.lm_batch", lambda: data.lm_batch(torch.zeros(100), 2, 8, torch.Generator()),
+     TypeError, "data"),
+    ("data.lm_batch", lambda: data.lm_batch(torch.zeros(100).long(), 2, 8, 0), TypeError,
+     "generator"),
+    ("data.lm_batch", lambda: data.lm_batch(torch.zeros(5).long(), 2, 8,
+                                                    torch.Generator()), ValueError, "seq_len"),
+    ("data.load_package_snippets", lambda: data.load_package_snippets(("json",), 10**9),
+     ValueError, "snippet_len"),
+    ("data.load_package_snippets", lambda: data.load_package_snippets(("json",), -2),
+     ValueError, "snippet_len"),
+    ("data.char_classes", lambda: data.char_classes(torch.tensor([300])), ValueError,
+     "[0, 255]"),
+    ("data.char_classes", lambda: data.char_classes(torch.tensor([1.0])), TypeError,
+     "tokens"),
+]
+
+
+@pytest.mark.parametrize("what, call, exc, word", CASES, ids=[f"{c[0]}-{i}" for i, c in
+                                                               enumerate(CASES)])
+def test_bad_input_is_refused_with_the_argument_named(what, call, exc, word):
+    with pytest.raises(exc) as info:
+        call()
+    assert word in str(info.value), f"{what}: {info.value}"
+
+
+def test_capacity_factor_of_1e308_does_not_overflow():
+    """A huge but finite factor is allowed and means "never drop": C is capped at T."""
+    assert capacity.expert_capacity(HUGE, 10, 2, 4) == 10
+    out = MoE(8, 4, 4, capacity_factor=HUGE)(torch.randn(10, 8))
+    assert out.routing.dropped == 0
+
+
+def test_train_and_data_refuse_before_any_work():
+    """The training loop checks everything before its first step (no model step is taken)."""
+    from moe_lib.train import evaluate, task_loss, train
+
+    model = Transformer(TransformerConfig(seq_len=8, d_model=16, n_heads=2, d_hidden=8))
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = [
+        (lambda: train(model, None, 2), TypeError, "next_batch"),
+        (lambda: train(model, lambda s: None, 0), ValueError, "steps"),
+        (lambda: train(model, lambda s: None, 2, lr=INF), ValueError, "lr"),
+        (lambda: train(model, lambda s: None, 2, eval_batches=[]), ValueError, "eval_batches"),
+        (lambda: train(model, lambda s: None, 2, device="tpu9"), ValueError, "device"),
+        (lambda: train(model, lambda s: None, 2, progress="no"), TypeError, "progress"),
+        (lambda: train(MoE(8, 4, 4), lambda s: None, 2), TypeError, "model"),
+        (lambda: evaluate(model, torch.zeros(2, 8), "cpu"), TypeError, "batches"),
+        (lambda: evaluate(model, [(torch.zeros(2, 8).long(),)], "cpu"), TypeError, "batches"),
+        (lambda: task_loss(model(torch.zeros(2, 8).long()), torch.zeros(2, 8)), TypeError, "y"),
+        (lambda: task_loss(model(torch.zeros(2, 8).long()), torch.zeros(2, 7).long()),
+         ValueError, "y"),
+    ]
+    for call, exc, word in bad:
+        with pytest.raises(exc, match=word):
+            call()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_presentation_refuses_bad_input():
+    from moe_lib import plot, widgets
+
+    with pytest.raises(ValueError, match="matrix"):
+        plot.utilisation_heatmap(torch.ones(3))
+    with pytest.raises(ValueError, match="finite"):
+        plot.utilisation_heatmap(torch.tensor([[1.0, NAN]]))
+    with pytest.raises(TypeError, match="matrix"):
+        plot.utilisation_heatmap([[1.0]])
+    with pytest.raises(ValueError, match="row_labels"):
+        plot.utilisation_heatmap(torch.ones(2, 3), row_labels=["a"])
+    with pytest.raises(ValueError, match="uniform"):
+        plot.utilisation_heatmap(torch.ones(2, 3), uniform=-1.0)
+    with pytest.raises(TypeError, match="draw"):
+        widgets.slider(None, [1, 2], "k")
+    with pytest.raises(TypeError, match="values"):
+        widgets.static_slider_html(lambda v: None, "abc", "k")
+    with pytest.raises(ValueError, match="start"):
+        widgets.static_slider_html(lambda v: None, [1, 2], "k", start=2)
+    with pytest.raises(TypeError, match="fig"):
+        widgets.figure_png(None)
+
+
+def test_setup_refuses_bad_seed_and_threads(monkeypatch):
+    from moe_lib.notebook import THREADS_ENV, setup
+
+    with pytest.raises(ValueError, match="seed"):
+        setup(seed=-3)
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(ValueError, match=THREADS_ENV):
+        setup()
+
+
+MODULES = ("runtime", "activations", "routing", "capacity", "permute", "kernels", "experts",
+           "dispatch", "losses", "stats", "layer", "models", "data", "train")
+# Records built by the library itself (their constructors take what a validated function made),
+# autograd Functions (called through the checked functions of moe_lib.kernels), and functions
+# without arguments.
+NO_ARGUMENTS_TO_CHECK = {
+    "routing.Routing": "a record built by make_routing (checked) and the routers",
+    "layer.MoEOutput": "a record built by MoE.forward", "layer.ParameterCounts": "a record",
+    "models.ModelOutput": "a record built by Transformer.forward",
+    "data.ByteCorpus": "a record built by load_code_corpus",
+    "data.SnippetDataset": "a record built by load_package_snippets",
+    "runtime.default_device": "takes no argument", "data.stdlib_root": "takes no argument",
+    "data.language_reference": "takes no argument",
+    "train.TrainResult": "a record built by train",
+}
+
+
+def _public_names(module_name: str) -> list[str]:
+    mod = importlib.import_module(f"moe_lib.{module_name}")
+    names = []
+    for name, obj in vars(mod).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+            continue
+        if inspect.isclass(obj) and issubclass(obj, torch.autograd.Function):
+            continue  # reached through the checked wrappers of moe_lib.kernels
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            names.append(f"{module_name}.{name}")
+    return names
+
+
+def test_every_public_name_has_a_bad_input_case():
+    # train's functions are checked in test_train_and_data_refuse_before_any_work
+    covered = {c[0] for c in CASES} | {"train.train", "train.evaluate", "train.task_loss"}
+    public = [n for m in MODULES for n in _public_names(m)]
+    missing = [n for n in public if n not in covered and n not in NO_ARGUMENTS_TO_CHECK]
+    assert not missing, f"public names without a bad-input case in this file: {missing}"
