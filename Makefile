@@ -2,7 +2,7 @@
 #
 #   make book       create .venv (first time only), install, execute and render the HTML book
 #   make test       lint + unit tests + every notebook under nbval + the book build (-W) +
-#                   the rendered pages checked in headless Chromium
+#                   the rendered pages checked in headless Chromium + chapters run from the wheel
 #
 # Every target works from a fresh clone: the ones that need Python depend on `venv`.
 
@@ -28,13 +28,13 @@ NBVAL := -p tests.conftest -p no:cacheprovider --nbval-lax --nbval-current-env
 
 # lint -> unit -> nb, in that order, even under `make -j`.
 .NOTPARALLEL:
-.PHONY: help venv book book-fast unit nb lint test browser browser-deps strip clean
+.PHONY: help venv book book-fast unit nb lint test browser browser-deps strip clean wheel-test
 
 help:
 	@echo "make book       build the HTML book (executes every chapter; creates .venv first)"
 	@echo "make book-fast  build the HTML book without executing the notebooks"
 	@echo "make test       lint, unit tests, nbval over every notebook, book build, browser check"
-	@echo "make unit | nb | lint | browser | strip | clean | venv"
+	@echo "make unit | nb | lint | browser | wheel-test | strip | clean | venv"
 	@echo "make nb NB=notebooks/02_top_k.ipynb   test one notebook"
 
 venv: $(VENV)
@@ -106,6 +106,33 @@ test: lint unit
 	  if [ $$book_status -ne 0 ]; then echo "make test: the book build failed (_build/book.log)"; fi; \
 	  [ $$nb_status -eq 0 ] && [ $$book_status -eq 0 ]
 	@$(MAKE) --no-print-directory browser
+	@$(MAKE) --no-print-directory wheel-test
+
+# Chapters as a reader runs them (in Colab, say): copied to an empty folder outside the clone,
+# against moe_lib installed from a freshly built wheel (not editable) with its `book` extra, in
+# a venv of its own. A module or data file missing from the wheel fails here.
+WHEEL_DIR      := _build/dist
+WHEEL_VENV     := _build/wheel-venv
+WHEEL_CHAPTERS := notebooks/06_efficient_dispatch.ipynb notebooks/08_moe_language_model.ipynb
+
+wheel-test: venv
+	rm -rf $(WHEEL_DIR)
+	$(PIP) wheel --no-deps --no-build-isolation -q -w $(WHEEL_DIR) .
+	@test -x $(WHEEL_VENV)/bin/python || $(PYTHON3) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(WHEEL_VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	grep -v '^-e' requirements.txt > _build/constraints.txt
+	$(WHEEL_VENV)/bin/python -m pip install -q -c _build/constraints.txt \
+	  "$$(ls $(WHEEL_DIR)/moe_lib-*.whl)[book]" nbval ipykernel pytest
+	$(WHEEL_VENV)/bin/python -m pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/moe_lib-*.whl
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp $(WHEEL_CHAPTERS) "$$tmp" && \
+	  cd "$$tmp" && py="$(CURDIR)/$(WHEEL_VENV)/bin/python" && \
+	  "$$py" -c 'import moe_lib, pathlib, sys; f = pathlib.Path(moe_lib.__file__).resolve(); \
+	    print("moe_lib", moe_lib.__version__, "from", f); \
+	    sys.exit("moe_lib comes from the clone, not the wheel" if "$(CURDIR)" in str(f) \
+	             and "$(WHEEL_VENV)" not in str(f) else 0)' && \
+	  echo "running $(notdir $(WHEEL_CHAPTERS)) in $$tmp" && \
+	  "$$py" -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider -q *.ipynb
 
 strip: venv
 ifeq ($(NOTEBOOKS),)

@@ -126,3 +126,67 @@ def test_cuda_cells_are_not_executed_by_the_book_build(notebooks):
             if "cuda" in tags and "skip-execution" not in tags:
                 untagged.append(f"{name} cell {index}")
     assert not untagged, f"tagged 'cuda' but not 'skip-execution': {untagged}"
+
+
+# A chapter runs from the installed package alone (as in Colab): it imports moe_lib and the
+# libraries of requirements.txt, never code from the clone, and downloads nothing.
+ALLOWED_IMPORTS = {"moe_lib", "torch", "numpy", "matplotlib", "seaborn", "pandas", "ipywidgets",
+                   "tqdm", "IPython"}
+FORBIDDEN_STDLIB = {"urllib", "importlib", "http", "ftplib", "runpy", "pkgutil", "zipimport"}
+FORBIDDEN_CODE = ("sys.path", "urlretrieve", "Path.cwd", "__file__", "os.chdir",
+                  "raw.githubusercontent", "git clone", "wget ", "curl ")
+FORBIDDEN_CALLS = {"exec", "eval", "compile", "__import__"}
+FORBIDDEN_ANYWHERE = ("bench/", "tests/", "raw.githubusercontent", "git clone")
+
+
+def _code_without_magics(source: str) -> str:
+    """Cell source with IPython magics and shell escapes (``%pip``, ``!ls``) blanked out."""
+    lines = source.splitlines()
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines)
+
+
+def _imported_roots(code: str) -> tuple[set[str], set[str]]:
+    """Top-level modules the code imports, and the forbidden builtins it calls by name."""
+    import ast
+
+    roots, calls = set(), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            calls.add(node.func.id)
+    return roots, calls & FORBIDDEN_CALLS
+
+
+def test_chapters_import_only_moe_lib_and_the_required_libraries(notebooks):
+    import sys
+
+    problems = []
+    for name, nb in notebooks.items():
+        code_cells = [_source(c) for c in nb["cells"] if c["cell_type"] == "code"]
+        for index, source in enumerate(code_cells):
+            roots, calls = _imported_roots(_code_without_magics(source))
+            if calls:
+                problems.append(f"{name} code cell {index}: calls {sorted(calls)}")
+            if index == 0:
+                roots.discard("google")  # the set-up cell's Colab branch
+            stdlib = roots & set(sys.stdlib_module_names)
+            bad = (roots - ALLOWED_IMPORTS - stdlib) | (stdlib & FORBIDDEN_STDLIB)
+            if bad:
+                problems.append(f"{name} code cell {index}: imports {sorted(bad)}")
+            body = source if index else _code_without_magics(source)
+            problems += [f"{name} code cell {index}: {word!r}" for word in FORBIDDEN_CODE
+                         if word in body]
+        for index, cell in enumerate(nb["cells"]):
+            text = _source(cell)
+            problems += [f"{name} cell {index}: mentions {word!r}"
+                         for word in FORBIDDEN_ANYWHERE if word in text]
+    assert not problems, "\n".join(problems)
+
+
+def test_setup_cell_installs_the_book_extra(notebooks):
+    first = next(_source(c) for c in next(iter(notebooks.values()))["cells"]
+                 if c["cell_type"] == "code")
+    assert '"moe_lib[book] @ git+' in first, first
