@@ -6,14 +6,17 @@ The core (layers, routers, capacity, losses, statistics, kernels) needs torch an
 """
 
 from moe_lib.capacity import apply_capacity, expert_capacity
+from moe_lib.config import MoEConfig
 from moe_lib.experts import ExpertBank, FeedForward
-from moe_lib.layer import MoE, MoEConfig, MoEOutput, ParameterCounts
+from moe_lib.layer import MoE, MoEOutput, ParameterCounts
 from moe_lib.permute import Permutation
-from moe_lib.routing import DenseRouter, NoisyTopKRouter, Routing, TopKRouter
+from moe_lib.routers import DenseRouter, ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
+from moe_lib.routing import Routing
 
 __all__ = [
     "DenseRouter",
     "ExpertBank",
+    "ExpertChoiceRouter",
     "FeedForward",
     "MoE",
     "MoEConfig",

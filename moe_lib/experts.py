@@ -1,13 +1,14 @@
-"""Expert feed-forward networks: ReLU, GELU and SwiGLU, one expert or a bank of E experts.
+"""Expert feed-forward networks: ReLU, GELU, SwiGLU and clamped SwiGLU, one expert or a bank of E.
 
-An expert is ``act(x @ w_in) @ w_out`` (:mod:`moe_lib.activations`). Weights are cast to the
-input's dtype in the forward (a no-op when they already match), so a float32 layer accepts
-bfloat16 tokens and returns bfloat16; inside ``torch.autocast`` the expert GEMMs run in the
+An expert is ``act(x @ w_in + b_in) @ w_out + b_out`` (:mod:`moe_lib.activations`); the biases
+exist only with ``bias=True`` (gpt-oss has them; Mixtral, Switch and DeepSeek do not). Weights are
+cast to the input's dtype in the forward (a no-op when they already match), so a float32 layer
+accepts bfloat16 tokens and returns bfloat16; inside ``torch.autocast`` the expert GEMMs run in the
 autocast dtype. A bank stores the weights of all E experts stacked (``w_in: [E, d_model, h_in]``,
-``w_out: [E, d_hidden, d_model]``) so that one kernel can read them all
-(:meth:`ExpertBank.forward_slices`) and write the gradient of all E experts into one ``[E, ...]``
-buffer, where indexing ``w_in[e]`` in a Python loop would make the backward pass build a
-full-size gradient for every expert it indexes.
+``w_out: [E, d_hidden, d_model]``, ``b_in: [E, h_in]``, ``b_out: [E, d_model]``) so that one
+kernel can read them all (:meth:`ExpertBank.forward_slices`) and write the gradient of all E
+experts into one ``[E, ...]`` buffer, where indexing ``w_in[e]`` in a Python loop would make the
+backward pass build a full-size gradient for every expert it indexes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_lib.activations import EXPERT_KINDS, activation, in_width
-from moe_lib.checks import check_choice, check_int, check_positive_int, check_tensor
+from moe_lib.activations import ExpertActivation, activation, activation_spec, in_width
+from moe_lib.checks import check_bool, check_int, check_positive_int, check_tensor
 from moe_lib.kernels import expert_mlp, grouped_matmul, swiglu
 
 
@@ -26,6 +27,29 @@ def _uniform_(w: Tensor, fan_in: int) -> Tensor:
     """nn.Linear's default scale: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
     return nn.init.uniform_(w, -bound, bound)
+
+
+def _init_bias(module: nn.Module, name: str, shape: tuple[int, ...], fan_in: int,
+               bias: bool) -> None:
+    """Register ``name`` as nn.Linear's bias (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), or as None:
+    absent from ``parameters()`` and the state dict, as in ``nn.Linear(bias=False)``."""
+    param = nn.Parameter(_uniform_(torch.empty(shape), fan_in)) if bias else None
+    module.register_parameter(name, param)
+
+
+def _cast(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if p is None else p.to(dtype)
+
+
+def _ffn(x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None,
+         spec: ExpertActivation) -> Tensor:
+    """``act(x @ w_in + b_in) @ w_out + b_out`` with autograd (each bias added only if given,
+    already shaped to broadcast)."""
+    h = x @ w_in
+    if b_in is not None:
+        h = h + b_in
+    y = activation(h, spec) @ w_out
+    return y if b_out is None else y + b_out
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -40,17 +64,28 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 class FeedForward(nn.Module):
     """One dense FFN ``x: [..., d_model] -> [..., d_model]``: the dense baseline and the bound for
-    an MoE layer (hidden ``k * h`` for the same active FLOPs as top-k experts of hidden ``h``)."""
+    an MoE layer (hidden ``k * h`` for the same active FLOPs as top-k experts of hidden ``h``).
 
-    def __init__(self, d_model: int, d_hidden: int, kind: str = "swiglu") -> None:
+    ``act(x @ w_in + b_in) @ w_out + b_out`` with ``w_in: [d_model, h_in]``, ``w_out: [d_hidden,
+    d_model]``, and with ``bias=True`` ``b_in: [h_in]``, ``b_out: [d_model]``. ``kind``: a name
+    or an :class:`~moe_lib.activations.ExpertActivation`.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, kind: str | ExpertActivation = "swiglu",
+                 bias: bool = False) -> None:
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("d_hidden", d_hidden)
-        check_choice("kind", kind, EXPERT_KINDS)
-        self.kind = kind
+        spec = activation_spec(kind)
+        check_bool("bias", bias)
+        self.activation = spec
+        self.kind = spec.kind
         self.d_model = d_model
-        self.w_in = nn.Parameter(_uniform_(torch.empty(d_model, in_width(d_hidden, kind)), d_model))
+        h_in = in_width(d_hidden, spec)
+        self.w_in = nn.Parameter(_uniform_(torch.empty(d_model, h_in), d_model))
         self.w_out = nn.Parameter(_uniform_(torch.empty(d_hidden, d_model), d_hidden))
+        _init_bias(self, "b_in", (h_in,), d_model, bias)
+        _init_bias(self, "b_out", (d_model,), d_hidden, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         check_tensor("x", x, kind="float", device=self.w_in.device)
@@ -58,35 +93,50 @@ class FeedForward(nn.Module):
             raise ValueError(f"x must have shape [..., d_model={self.d_model}], got "
                              f"{tuple(x.shape)}")
         dtype = compute_dtype(x)
-        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
-        return activation(x.to(dtype) @ w_in, self.kind) @ w_out
+        return _ffn(x.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype),
+                    _cast(self.b_in, dtype), _cast(self.b_out, dtype), self.activation)
 
 
 class ExpertBank(nn.Module):
     """E expert FFNs of one kind with stacked weights.
 
-    ``w_in: [E, d_model, h_in]`` (``h_in = 2 * d_hidden`` for SwiGLU: gate and up fused),
-    ``w_out: [E, d_hidden, d_model]``. No biases, as in Mixtral and Switch.
+    ``w_in: [E, d_model, h_in]`` (``h_in = 2 * d_hidden`` for the gated kinds: gate and up
+    fused), ``w_out: [E, d_hidden, d_model]``; with ``bias=True`` also ``b_in: [E, h_in]`` and
+    ``b_out: [E, d_model]`` (gpt-oss), else no biases (Mixtral, Switch). ``kind``: a name or an
+    :class:`~moe_lib.activations.ExpertActivation` (gpt-oss: ``"clamped_swiglu"``, bias=True).
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, kind: str = "swiglu") -> None:
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int,
+                 kind: str | ExpertActivation = "swiglu", bias: bool = False) -> None:
         super().__init__()
         check_positive_int("num_experts", num_experts)
         check_positive_int("d_model", d_model)
         check_positive_int("d_hidden", d_hidden)
-        check_choice("kind", kind, EXPERT_KINDS)
-        self.kind = kind
+        spec = activation_spec(kind)
+        check_bool("bias", bias)
+        self.activation = spec
+        self.kind = spec.kind
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden
-        w_in = torch.empty(num_experts, d_model, in_width(d_hidden, kind))
+        h_in = in_width(d_hidden, spec)
+        w_in = torch.empty(num_experts, d_model, h_in)
         w_out = torch.empty(num_experts, d_hidden, d_model)
         self.w_in = nn.Parameter(_uniform_(w_in, d_model))
         self.w_out = nn.Parameter(_uniform_(w_out, d_hidden))
+        _init_bias(self, "b_in", (num_experts, h_in), d_model, bias)
+        _init_bias(self, "b_out", (num_experts, d_model), d_hidden, bias)
 
     def params_per_expert(self) -> int:
-        """Parameters of one expert: ``d_model * h_in + d_hidden * d_model``."""
-        return self.w_in[0].numel() + self.w_out[0].numel()
+        """Parameters of one expert: ``d_model * h_in + d_hidden * d_model``, plus
+        ``h_in + d_model`` with biases."""
+        params = (self.w_in, self.w_out, self.b_in, self.b_out)
+        return sum(p[0].numel() for p in params if p is not None)
+
+    def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``w_in, w_out, b_in, b_out`` in ``dtype`` (the biases None without ``bias=True``)."""
+        return (self.w_in.to(dtype), self.w_out.to(dtype), _cast(self.b_in, dtype),
+                _cast(self.b_out, dtype))
 
     def _check_rows(self, x: Tensor) -> None:
         check_tensor("x", x, dims=2, kind="float", shape=(None, self.d_model),
@@ -97,15 +147,18 @@ class ExpertBank(nn.Module):
         check_int("e", e, low=0, high=self.num_experts - 1)
         self._check_rows(x)
         dtype = compute_dtype(x)
-        w_in, w_out = self.w_in[e].to(dtype), self.w_out[e].to(dtype)
-        return activation(x.to(dtype) @ w_in, self.kind) @ w_out
+        b_in, b_out = (None if b is None else b[e].to(dtype) for b in (self.b_in, self.b_out))
+        return _ffn(x.to(dtype), self.w_in[e].to(dtype), self.w_out[e].to(dtype), b_in, b_out,
+                    self.activation)  # expert e's weights alone are cast
 
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on every token: ``x: [n, d_model] -> [E, n, d_model]`` (dense gating)."""
         self._check_rows(x)
         dtype = compute_dtype(x)
-        h = torch.matmul(x.to(dtype).unsqueeze(0), self.w_in.to(dtype))  # [E, n, h_in]
-        return torch.matmul(activation(h, self.kind), self.w_out.to(dtype))  # [E, n, d]
+        w_in, w_out, b_in, b_out = self._params(dtype)
+        return _ffn(x.to(dtype).unsqueeze(0), w_in, w_out,  # [1, n, d] @ [E, d, h_in]
+                    None if b_in is None else b_in.unsqueeze(1),  # [E, 1, h_in]
+                    None if b_out is None else b_out.unsqueeze(1), self.activation)  # [E, 1, d]
 
     def forward_slices(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
         """Run expert e on its contiguous slice of rows.
@@ -120,15 +173,17 @@ class ExpertBank(nn.Module):
           round trips of the activation and its gradients;
         - GPU, or under ``torch.compile``: each projection is one grouped GEMM
           (:func:`moe_lib.kernels.grouped_matmul`: one ``torch._grouped_mm`` kernel in bfloat16
-          on Hopper or Blackwell) that writes every expert's rows into one buffer, and the
-          non-linearity runs once over all ``n`` rows (:func:`moe_lib.kernels.swiglu`).
+          on Hopper or Blackwell) that writes every expert's rows into one buffer, then adds
+          each expert's bias to its rows, and the non-linearity runs once over all ``n`` rows
+          (:func:`moe_lib.kernels.swiglu`; the other kinds through autograd).
         """
         self._check_rows(x_sorted)
         dtype = compute_dtype(x_sorted)
         x_sorted = x_sorted.to(dtype)
-        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        w_in, w_out, b_in, b_out = self._params(dtype)
         if x_sorted.device.type == "cpu" and not torch.compiler.is_compiling():
-            return expert_mlp(x_sorted, w_in, w_out, counts, self.kind)
-        h = grouped_matmul(x_sorted, w_in, counts)  # [n, h_in]
-        act = swiglu(h) if self.kind == "swiglu" else activation(h, self.kind)
-        return grouped_matmul(act, w_out, counts)  # [n, d_model]
+            return expert_mlp(x_sorted, w_in, w_out, counts, self.activation, b_in=b_in,
+                              b_out=b_out)
+        h = grouped_matmul(x_sorted, w_in, counts, b_in)  # [n, h_in]
+        act = swiglu(h) if self.kind == "swiglu" else activation(h, self.activation)
+        return grouped_matmul(act, w_out, counts, b_out)  # [n, d_model]

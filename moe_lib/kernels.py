@@ -2,9 +2,11 @@
 
 Expert compute (rows sorted by expert, ``counts[e]`` contiguous rows for expert e):
 
-- :func:`expert_mlp`: the whole FFN block by block on a CPU (:class:`ExpertMLP`);
+- :func:`expert_mlp`: the whole FFN block by block on a CPU (:class:`ExpertMLP`), with optional
+  per-expert biases;
 - :func:`grouped_matmul`: one projection for all experts: ``torch._grouped_mm`` on a Hopper or
-  Blackwell GPU in bfloat16, else one GEMM per expert into one buffer (:class:`SliceMatmul`);
+  Blackwell GPU in bfloat16, else one GEMM per expert into one buffer (:class:`SliceMatmul`),
+  plus an optional per-expert bias;
 - :func:`swiglu`: SwiGLU with a backward that writes both halves of ``d h`` into one buffer.
 
 Data movement (the permutation of token copies, see :mod:`moe_lib.permute`):
@@ -29,12 +31,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moe_lib.activations import (
-    EXPERT_KINDS,
+    ExpertActivation,
     activation,
     activation_backward,
     activation_from_saved,
+    activation_spec,
 )
-from moe_lib.checks import check_choice, check_positive_int, check_tensor
+from moe_lib.checks import check_positive_int, check_tensor
 
 # --------------------------------------------------------------------------------------------
 # Expert FFNs block by block (CPU)
@@ -78,36 +81,49 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     torch.addmm(acc, a, b, out=acc)
 
 
+def _mm_into(out: Tensor, a: Tensor, w: Tensor, bias: Tensor | None) -> None:
+    """``out = a @ w (+ bias)``: with a bias, one ``addmm`` (the bias is broadcast into the
+    block, which the GEMM accumulates onto; no second pass over the result); without, ``mm``."""
+    if bias is None:
+        torch.mm(a, w, out=out)
+    else:
+        torch.addmm(bias, a, w, out=out)
+
+
 class ExpertMLP(torch.autograd.Function):
-    """``out[rows of e] = act(x[rows of e] @ w_in[e]) @ w_out[e]``, block by block.
+    """``out[rows of e] = act(x[rows of e] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``, block by
+    block.
 
     ``x: [n, d_model]`` sorted by expert, ``w_in: [E, d_model, h_in]``, ``w_out: [E, d_hidden,
-    d_model]``, ``counts[e]`` rows of expert e -> ``[n, d_model]``.
+    d_model]``, ``b_in: [E, h_in]`` and ``b_out: [E, d_model]`` or None, ``counts[e]`` rows of
+    expert e, ``spec`` an :class:`~moe_lib.activations.ExpertActivation` -> ``[n, d_model]``.
 
     A dense FFN runs layer by layer: the first GEMM writes ``h: [n, h_in]`` to a fresh full-size
     buffer, the activation reads it back and writes two more, the second GEMM reads them again,
     and the backward pass makes the same round trips through five more. On a CPU these passes,
     and the page faults of the fresh buffers, cost about as much as the GEMMs. Here each block of
     at most :func:`block_rows` rows goes through the whole FFN; its activation and, backward, its
-    gradients are block-sized temporaries. Saves ``h`` (and ``silu(gate)`` for SwiGLU) and
-    recomputes the activation in the backward: less memory than autograd, which keeps both.
+    gradients are block-sized temporaries. Saves ``h`` (and the gate's half for the gated kinds)
+    and recomputes the activation in the backward: less memory than autograd, which keeps both.
 
-    Backward, per block: ``d w_out[e] += act^T g``; ``d h = act'(g w_out[e]^T)``;
-    ``d x = d h w_in[e]^T``; ``d w_in[e] += x^T d h``.
+    Backward, per block: ``d w_out[e] += act^T g``; ``d b_out[e] += sum_rows g``;
+    ``d h = act'(g w_out[e]^T)``; ``d x = d h w_in[e]^T``; ``d w_in[e] += x^T d h``;
+    ``d b_in[e] += sum_rows d h``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], kind: str,
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+                b_out: Tensor | None, counts: list[int], spec: ExpertActivation,
                 rows: int) -> Tensor:
         n, h_in = x.shape[0], w_in.shape[-1]
         h = x.new_empty(n, h_in)  # saved
-        s = x.new_empty(n, w_out.shape[1]) if kind == "swiglu" else None  # silu(gate), saved
+        s = x.new_empty(n, w_out.shape[1]) if spec.gated else None  # the gate's half, saved
         out = x.new_empty(n, w_out.shape[-1])
         for e, a, b in expert_blocks(counts, rows):
-            torch.mm(x[a:b], w_in[e], out=h[a:b])
-            act = activation(h[a:b], kind, None if s is None else s[a:b])
-            torch.mm(act, w_out[e], out=out[a:b])
-        ctx.counts, ctx.kind, ctx.rows = counts, kind, rows
+            _mm_into(h[a:b], x[a:b], w_in[e], None if b_in is None else b_in[e])
+            act = activation(h[a:b], spec, None if s is None else s[a:b])
+            _mm_into(out[a:b], act, w_out[e], None if b_out is None else b_out[e])
+        ctx.counts, ctx.spec, ctx.rows = counts, spec, rows
         ctx.save_for_backward(x, w_in, w_out, h, s)
         return out
 
@@ -115,24 +131,31 @@ class ExpertMLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w_in, w_out, h, s = ctx.saved_tensors
-        kind, counts = ctx.kind, ctx.counts
-        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        spec, counts = ctx.spec, ctx.counts
+        need_x, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
+        need_h = need_x or need_w_in or need_b_in
         grad_x = torch.empty_like(x) if need_x else None  # [n, d_model]
         grad_w_in = torch.zeros_like(w_in) if need_w_in else None  # [E, d_model, h_in]
         grad_w_out = torch.zeros_like(w_out) if need_w_out else None  # [E, d_hidden, d_model]
+        grad_b_in = w_in.new_zeros(w_in.shape[0], w_in.shape[2]) if need_b_in else None  # [E, h_in]
+        grad_b_out = w_out.new_zeros(w_out.shape[0], w_out.shape[2]) if need_b_out else None
         for e, a, b in expert_blocks(counts, ctx.rows):
             g, hb = grad[a:b], h[a:b]
             sb = None if s is None else s[a:b]
             if need_w_out:
-                _accumulate_mm(grad_w_out[e], activation_from_saved(hb, sb, kind).t(), g)
-            if not (need_x or need_w_in):
+                _accumulate_mm(grad_w_out[e], activation_from_saved(hb, sb, spec).t(), g)
+            if need_b_out:
+                grad_b_out[e] += g.sum(0)  # [d_model]
+            if not need_h:
                 continue
-            grad_h = activation_backward(g @ w_out[e].t(), hb, kind, sb)  # [rows, h_in]
+            grad_h = activation_backward(g @ w_out[e].t(), hb, spec, sb)  # [rows, h_in]
             if need_x:
                 torch.mm(grad_h, w_in[e].t(), out=grad_x[a:b])
             if need_w_in:
                 _accumulate_mm(grad_w_in[e], x[a:b].t(), grad_h)
-        return grad_x, grad_w_in, grad_w_out, None, None, None
+            if need_b_in:
+                grad_b_in[e] += grad_h.sum(0)  # [h_in]
+        return grad_x, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
 
 
 def _check_counts(counts: object, num_experts: int, num_rows: int) -> list[int]:
@@ -160,26 +183,40 @@ def _check_expert_weights(x: Tensor, w_in: Tensor, w_out: Tensor) -> None:
                         f"{w_out.dtype}")
 
 
-def expert_mlp(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], kind: str,
-               max_block_rows: int | None = None) -> Tensor:
+def _check_bias(name: str, bias: Tensor | None, x: Tensor, shape: tuple[int, int]) -> None:
+    """``bias``: None, or ``[E, width]`` with x's dtype and device."""
+    if bias is None:
+        return
+    check_tensor(name, bias, dims=2, kind="float", shape=shape, device=x.device)
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {bias.dtype}")
+
+
+def expert_mlp(x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int],
+               kind: str | ExpertActivation, max_block_rows: int | None = None, *,
+               b_in: Tensor | None = None, b_out: Tensor | None = None) -> Tensor:
     """Every expert's FFN on its contiguous rows: ``x: [n, d_model] -> [n, d_model]``.
 
-    ``w_in: [E, d_model, h_in]``, ``w_out: [E, d_hidden, d_model]`` in ``x``'s dtype,
-    ``counts[e]`` rows for expert e (``sum(counts) == n``), ``kind`` "relu" | "gelu" | "swiglu".
-    ``max_block_rows``: rows per block (default :func:`block_rows`; smaller in tests, to cross
-    block boundaries with few rows).
+    ``out[rows of e] = act(x[rows of e] @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`` with
+    ``w_in: [E, d_model, h_in]``, ``w_out: [E, d_hidden, d_model]``, ``b_in: [E, h_in]``,
+    ``b_out: [E, d_model]`` (each bias optional) in ``x``'s dtype, ``counts[e]`` rows for expert
+    e (``sum(counts) == n``), ``kind`` "relu" | "gelu" | "swiglu" | "clamped_swiglu" or an
+    :class:`~moe_lib.activations.ExpertActivation`. ``max_block_rows``: rows per block (default
+    :func:`block_rows`; smaller in tests, to cross block boundaries with few rows).
     """
-    check_choice("kind", kind, EXPERT_KINDS)
+    spec = activation_spec(kind)
     _check_expert_weights(x, w_in, w_out)
-    h_in = 2 * w_out.shape[1] if kind == "swiglu" else w_out.shape[1]
+    h_in = 2 * w_out.shape[1] if spec.gated else w_out.shape[1]
     if w_in.shape[-1] != h_in:
-        raise ValueError(f"w_in must have {h_in} columns for kind={kind!r} and "
+        raise ValueError(f"w_in must have {h_in} columns for kind={spec.kind!r} and "
                          f"w_out {tuple(w_out.shape)}, got {tuple(w_in.shape)}")
+    _check_bias("b_in", b_in, x, (w_in.shape[0], h_in))
+    _check_bias("b_out", b_out, x, (w_in.shape[0], x.shape[1]))
     counts = _check_counts(counts, w_in.shape[0], x.shape[0])
     if max_block_rows is None:
         max_block_rows = block_rows(h_in, x.element_size())
     check_positive_int("max_block_rows", max_block_rows)
-    return ExpertMLP.apply(x, w_in, w_out, counts, kind, max_block_rows)
+    return ExpertMLP.apply(x, w_in, w_out, b_in, b_out, counts, spec, max_block_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +294,10 @@ def grouped_mm_available(x: Tensor, w: Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def grouped_matmul(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-    """``x: [n, K]`` rows grouped by expert (``counts[e]`` rows each), ``w: [E, K, N] -> [n, N]``.
+def grouped_matmul(x: Tensor, w: Tensor, counts: list[int], bias: Tensor | None = None
+                   ) -> Tensor:
+    """``x: [n, K]`` rows grouped by expert (``counts[e]`` rows each), ``w: [E, K, N] -> [n, N]``;
+    with ``bias: [E, N]``, expert e's bias is added to its rows.
 
     In bfloat16 on a Hopper/Blackwell GPU, one ``torch._grouped_mm`` call (one kernel for all
     experts); otherwise, and always on a CPU, one GEMM per expert on its contiguous slice.
@@ -267,7 +306,15 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     check_tensor("w", w, dims=3, kind="float", shape=(None, x.shape[1], None), device=x.device)
     if w.dtype != x.dtype:
         raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    _check_bias("bias", bias, x, (w.shape[0], w.shape[2]))
     counts = _check_counts(counts, w.shape[0], x.shape[0])
+    out = _grouped_mm_or_slices(x, w, counts)
+    if bias is None:
+        return out
+    return out + _rows_of_experts(bias, counts)
+
+
+def _grouped_mm_or_slices(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     if x.shape[0] > 0 and grouped_mm_available(x, w):
         try:
             ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [E]
@@ -276,6 +323,13 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
         except RuntimeError:  # a shape or alignment the kernel refuses: fall through
             pass
     return SliceMatmul.apply(x, w, counts)
+
+
+def _rows_of_experts(bias: Tensor, counts: list[int]) -> Tensor:
+    """``bias: [E, N] -> [n, N]``, row ``e`` repeated ``counts[e]`` times (autograd sums the rows'
+    gradients back per expert)."""
+    repeats = torch.tensor(counts, device=bias.device)
+    return bias.repeat_interleave(repeats, dim=0, output_size=sum(counts))
 
 
 class SwiGLU(torch.autograd.Function):

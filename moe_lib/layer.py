@@ -1,163 +1,26 @@
-"""The MoE layer: router -> capacity -> dispatch to experts -> combine, plus auxiliary losses.
-
-:class:`MoEConfig` holds every choice, checked and resolved once (defaults that depend on other
-choices are filled in, arguments a configuration would ignore are refused); :class:`MoE` builds
-its parts from it and exposes it as ``layer.config``.
+"""The MoE layer: router -> capacity -> dispatch to experts -> combine (+ shared experts), plus
+auxiliary losses. :class:`MoE` is built from a :class:`~moe_lib.config.MoEConfig`, which it
+exposes as ``layer.config``.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from moe_lib import losses
-from moe_lib.activations import EXPERT_KINDS
 from moe_lib.capacity import apply_capacity
-from moe_lib.checks import (
-    check_choice,
-    check_int_range,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-    check_real,
-    check_tensor,
-)
-from moe_lib.dispatch import DISPATCH_KINDS, DISPATCHERS
+from moe_lib.checks import check_tensor
+from moe_lib.config import MoEConfig
+from moe_lib.dispatch import DISPATCHERS
 from moe_lib.experts import ExpertBank
-from moe_lib.routing import (
-    ROUTER_KINDS,
-    WEIGHTINGS,
-    DenseRouter,
-    NoisyTopKRouter,
-    Routing,
-    TopKRouter,
-)
-
-BALANCE_LOSSES = (None, "switch", "importance")
-DEFAULT_BALANCE_COEF = {"switch": 1e-2, "importance": 1e-1}
-DEFAULT_TOP_K = 2
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """Every choice of an :class:`MoE` layer, checked when the config is made.
-
-    Args:
-        d_model: token width. d_hidden: hidden width of each expert.
-        num_experts: E. top_k: experts per token, in [1, E]; None: 2 for the top-k routers, E
-            for ``router="dense"`` (which uses every expert, so any other value is refused).
-        expert: "relu" | "gelu" | "swiglu".
-        router: "dense" (every expert runs) | "topk" | "noisy_topk".
-        capacity_factor: None for dropless, or a finite float > 0: C = ceil(cf * tokens * k / E).
-        balance_loss: None | "switch" | "importance" (Shazeer's importance + smooth load losses).
-        balance_coef: weight of the balance loss; None: 1e-2 for "switch", 1e-1 for "importance";
-            refused without a balance loss (and None then).
-        z_loss_coef: weight of the ST-MoE router z-loss (1e-3 in the paper), >= 0.
-        dispatch: "loop" (reference) | "sorted" (fast) | "dense" (every expert on every token);
-            identical results. None: "dense" for ``router="dense"``, else "sorted".
-        weighting: how top-k weights are normalised (see :func:`moe_lib.routing.topk_weights`);
-            None: "raw" when top_k == 1 (Switch: a renormalised single weight is always 1, so
-            the task loss would give the router no gradient), else "renormalize" for "topk"
-            and "topk_softmax" for "noisy_topk". Refused for ``router="dense"``.
-        jitter_eps: Switch router jitter in [0, 1) (``router="topk"`` only).
-        noise_scale: multiplies the learned noise of ``router="noisy_topk"`` (refused for the
-            other routers), >= 0; None: 1.0 for "noisy_topk".
-
-    The config is frozen. After ``__post_init__`` every None that has a default holds the value
-    used (None stays where an option does not apply), so ``MoE(**config.to_dict())`` rebuilds
-    the same layer and ``dataclasses.replace(config, ...)`` checks the changed config again.
-    """
-
-    d_model: int
-    d_hidden: int
-    num_experts: int
-    top_k: int | None = None
-    expert: str = "swiglu"
-    router: str = "topk"
-    capacity_factor: float | None = None
-    balance_loss: str | None = None
-    balance_coef: float | None = None
-    z_loss_coef: float = 0.0
-    dispatch: str | None = None
-    weighting: str | None = None
-    jitter_eps: float = 0.0
-    noise_scale: float | None = None
-
-    def __post_init__(self) -> None:
-        check_positive_int("d_model", self.d_model)
-        check_positive_int("d_hidden", self.d_hidden)
-        check_positive_int("num_experts", self.num_experts)
-        check_choice("router", self.router, ROUTER_KINDS)
-        check_choice("expert", self.expert, EXPERT_KINDS)
-        dense = self.router == "dense"
-        if self.top_k is None:
-            self._set("top_k", self.num_experts if dense else min(DEFAULT_TOP_K, self.num_experts))
-        check_int_range("top_k", self.top_k, 1, self.num_experts)
-        if dense and self.top_k != self.num_experts:
-            raise ValueError(f"top_k must be None or num_experts={self.num_experts} for "
-                             f"router='dense' (every expert runs), got {self.top_k}")
-        if self.capacity_factor is not None:
-            check_positive("capacity_factor", self.capacity_factor)
-            self._set("capacity_factor", float(self.capacity_factor))
-        check_choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
-        if self.balance_loss is None:
-            if self.balance_coef is not None:
-                raise ValueError("balance_coef applies to a balance loss, but balance_loss is "
-                                 "None; pass balance_loss='switch' or 'importance', or drop it")
-        elif self.balance_coef is None:
-            self._set("balance_coef", DEFAULT_BALANCE_COEF[self.balance_loss])
-        else:
-            check_nonnegative("balance_coef", self.balance_coef)
-            self._set("balance_coef", float(self.balance_coef))
-        check_nonnegative("z_loss_coef", self.z_loss_coef)
-        self._set("z_loss_coef", float(self.z_loss_coef))
-        if self.dispatch is None:
-            self._set("dispatch", "dense" if dense else "sorted")
-        check_choice("dispatch", self.dispatch, DISPATCH_KINDS)
-        self._resolve_weighting(dense)
-        check_real("jitter_eps", self.jitter_eps, 0.0, 1.0, high_open=True)
-        if self.jitter_eps > 0 and self.router != "topk":
-            raise ValueError(f"jitter_eps applies to router='topk' only, got "
-                             f"router={self.router!r}")
-        self._set("jitter_eps", float(self.jitter_eps))
-        if self.noise_scale is not None:
-            check_nonnegative("noise_scale", self.noise_scale)
-            if self.router != "noisy_topk":
-                raise ValueError(f"noise_scale applies to router='noisy_topk' only, got "
-                                 f"router={self.router!r}")
-            self._set("noise_scale", float(self.noise_scale))
-        elif self.router == "noisy_topk":
-            self._set("noise_scale", 1.0)
-        if self.balance_loss == "importance" and self.router != "noisy_topk":
-            warnings.warn(
-                "balance_loss='importance' without router='noisy_topk': the load loss then "
-                "counts tokens, which carries no gradient; only the importance loss trains the "
-                "router", UserWarning, stacklevel=4)
-
-    def _set(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)  # the resolved value of a frozen field
-
-    def _resolve_weighting(self, dense: bool) -> None:
-        if dense:
-            if self.weighting is not None:
-                raise ValueError(f"weighting applies to the top-k routers; router='dense' "
-                                 f"weights every expert by its softmax probability, got "
-                                 f"weighting={self.weighting!r}")
-            return
-        if self.weighting is None:
-            if self.top_k == 1:
-                self._set("weighting", "raw")
-            else:
-                self._set("weighting", "renormalize" if self.router == "topk" else "topk_softmax")
-        check_choice("weighting", self.weighting, WEIGHTINGS)
-
-    def to_dict(self) -> dict:
-        """The fields as a dict: ``MoE(**config.to_dict())`` rebuilds the layer."""
-        return asdict(self)
+from moe_lib.routers import DenseRouter, ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
+from moe_lib.routing import Routing, with_groups
+from moe_lib.shared import SharedExperts
 
 
 class ParameterCounts(NamedTuple):
@@ -171,10 +34,11 @@ class ParameterCounts(NamedTuple):
 class MoEOutput:
     """What an MoE layer returns.
 
-    ``y: [..., d_model]`` in the input's dtype; ``aux_loss``: a scalar, the configured losses
-    weighted by their coefficients (zero if none), float32 (float64 for float64 input, like the
-    router's maths); ``routing``: the :class:`Routing` record (over the flattened
-    ``[tokens, ...]``); ``losses``: each configured loss, unweighted.
+    ``y: [..., d_model]`` in the input's dtype (zeros at padded positions); ``aux_loss``: a
+    scalar, the configured losses weighted by their coefficients (zero if none), float32
+    (float64 for float64 input, like the router's maths); ``routing``: the :class:`Routing`
+    record over the routed tokens (the flattened ``[tokens, ...]``, padding left out);
+    ``losses``: each configured loss, unweighted.
     """
 
     y: Tensor
@@ -187,19 +51,27 @@ def build_router(config: MoEConfig) -> DenseRouter:
     """The router a configuration asks for."""
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be an MoEConfig, got {type(config).__name__}")
-    if config.router == "dense":
-        return DenseRouter(config.d_model, config.num_experts)
-    if config.router == "topk":
-        return TopKRouter(config.d_model, config.num_experts, config.top_k, config.weighting,
-                          config.jitter_eps)
-    return NoisyTopKRouter(config.d_model, config.num_experts, config.top_k, config.weighting,
-                           config.noise_scale)
+    c = config
+    if c.router == "dense":
+        return DenseRouter(c.d_model, c.num_experts, bias=c.router_bias)
+    if c.router == "expert_choice":
+        return ExpertChoiceRouter(c.d_model, c.num_experts, c.capacity_factor, bias=c.router_bias)
+    if c.router == "noisy_topk":
+        return NoisyTopKRouter(c.d_model, c.num_experts, c.top_k, c.weighting, c.noise_scale,
+                               bias=c.router_bias)
+    return TopKRouter(c.d_model, c.num_experts, c.top_k, c.weighting, c.jitter_eps,
+                      score=c.score, n_group=c.n_group, topk_group=c.topk_group,
+                      selection_bias=c.selection_bias,
+                      routed_scaling_factor=c.routed_scaling_factor, bias=c.router_bias)
 
 
 class MoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer: ``x: [..., d_model] -> MoEOutput``.
 
-    The keyword arguments are those of :class:`MoEConfig` (which documents them);
+    The arguments are those of :class:`~moe_lib.config.MoEConfig` (which documents each one);
+    the first fourteen are named here, the newer options (score, n_group, topk_group,
+    selection_bias, routed_scaling_factor, router_bias, capacity, capacity_per, n_shared,
+    d_shared, shared_gate, expert_bias, swiglu_alpha, swiglu_limit) pass through ``**options``.
     ``MoE.from_config(config)`` builds the same layer from a config.
     """
 
@@ -219,6 +91,7 @@ class MoE(nn.Module):
         weighting: str | None = None,
         jitter_eps: float = 0.0,
         noise_scale: float | None = None,
+        **options: object,
     ) -> None:
         super().__init__()
         config = MoEConfig(
@@ -226,12 +99,16 @@ class MoE(nn.Module):
             expert=expert, router=router, capacity_factor=capacity_factor,
             balance_loss=balance_loss, balance_coef=balance_coef, z_loss_coef=z_loss_coef,
             dispatch=dispatch, weighting=weighting, jitter_eps=jitter_eps,
-            noise_scale=noise_scale,
+            noise_scale=noise_scale, **options,
         )
         self.config = config
         self.router = build_router(config)
         self.experts = ExpertBank(config.num_experts, config.d_model, config.d_hidden,
-                                  config.expert)
+                                  config.activation(), bias=config.expert_bias)
+        self.shared = None
+        if config.n_shared:
+            self.shared = SharedExperts(config.d_model, config.d_shared, config.n_shared,
+                                        config.activation(), gate=config.shared_gate)
 
     @classmethod
     def from_config(cls, config: MoEConfig) -> MoE:
@@ -272,18 +149,42 @@ class MoE(nn.Module):
                 f"dispatch={c.dispatch!r}")
 
     def parameter_counts(self) -> ParameterCounts:
-        """``total``: router + all E experts; ``active``: router + the k experts a token uses."""
+        """``total``: router + all E experts + shared experts; ``active``: router + the experts
+        one token uses (k routed; for expert choice c = capacity_factor on average, rounded) +
+        shared experts."""
         router = sum(p.numel() for p in self.router.parameters())
+        shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
         per_expert = self.experts.params_per_expert()
-        return ParameterCounts(total=router + self.num_experts * per_expert,
-                               active=router + self.top_k * per_expert)
+        c = self.config
+        per_token = c.capacity_factor if c.router == "expert_choice" else c.top_k
+        return ParameterCounts(total=router + self.num_experts * per_expert + shared,
+                               active=router + round(per_token * per_expert) + shared)
 
-    def _check_input(self, x: Tensor) -> None:
+    @torch.no_grad()
+    def update_selection_bias(self, gamma: float) -> Tensor:
+        """DeepSeek-V3's auxiliary-loss-free update of the selection bias, after the optimizer
+        step (see :meth:`moe_lib.routers.TopKRouter.update_selection_bias`)."""
+        if not isinstance(self.router, TopKRouter) or not self.router.has_selection_bias:
+            raise ValueError("update_selection_bias needs a layer built with "
+                             "selection_bias=True")
+        return self.router.update_selection_bias(gamma)
+
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
+        """Check ``x`` and ``mask``; return the flat mask ``[T]`` (bool) or None."""
         check_tensor("x", x, kind="float", device=self.router.gate.weight.device)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
             )
+        if mask is None:
+            return None
+        check_tensor("mask", mask, kind=("bool", "int"), shape=tuple(x.shape[:-1]),
+                     device=x.device)
+        if mask.dtype != torch.bool:
+            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must hold 1 (a real token) or 0 (padding) only")
+            mask = mask.bool()
+        return mask.reshape(-1)
 
     def aux_losses(self, routing: Routing) -> dict[str, Tensor]:
         """The configured losses, unweighted, from the routing record (none for zero tokens)."""
@@ -295,6 +196,10 @@ class MoE(nn.Module):
             return out
         if c.balance_loss == "switch":
             out["switch"] = losses.switch_loss(routing)
+        elif c.balance_loss == "switch_per_sequence":
+            out["switch"] = losses.switch_loss(routing, per_group=True)
+        elif c.balance_loss == "sequence_wise":
+            out["sequence_wise"] = losses.sequence_balance_loss(routing)
         elif c.balance_loss == "importance":
             out["importance"] = losses.importance_loss(routing)
             out["load"] = losses.load_loss(routing)
@@ -302,15 +207,44 @@ class MoE(nn.Module):
             out["z"] = losses.z_loss(routing)
         return out
 
-    def forward(self, x: Tensor) -> MoEOutput:
-        """``x: [..., d_model]`` -> :class:`MoEOutput` with ``y: [..., d_model]``."""
-        self._check_input(x)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        """``x: [..., d_model]`` -> :class:`MoEOutput` with ``y: [..., d_model]``.
+
+        ``mask``: shaped like ``x`` without its last dimension, True (or 1) for a real token as
+        in Hugging Face's ``attention_mask``. Padded tokens are not routed, take no capacity,
+        count in no loss, and come out as zeros. For ``x: [..., S, d_model]`` each sequence of
+        S tokens is a group (capacity per sequence, sequence-wise losses).
+        """
+        keep = self._check_input(x, mask)
         c = self.config
         tokens = x.reshape(-1, c.d_model)  # [T, d_model]
-        routing = apply_capacity(self.router(tokens), c.capacity_factor)
+        groups, num_groups = _sequence_groups(x)
+        if keep is not None:
+            rows = keep.nonzero().squeeze(1)  # the real tokens
+            tokens = tokens.index_select(0, rows)
+            groups = None if groups is None else groups.index_select(0, rows)
+        routing = with_groups(self.router(tokens), groups, num_groups)
+        routing = apply_capacity(routing, c.capacity_factor if c.router != "expert_choice"
+                                 else None, capacity=c.capacity,
+                                 per_group=c.capacity_per == "sequence")
         y = DISPATCHERS[c.dispatch](tokens, routing, self.experts)
+        if self.shared is not None:
+            y = y + self.shared(tokens).to(y.dtype)
         parts = self.aux_losses(routing)
         aux = torch.zeros((), device=x.device, dtype=torch.float32)
         for name, value in parts.items():
             aux = aux + (c.z_loss_coef if name == "z" else c.balance_coef) * value
+        if keep is not None:
+            y = y.new_zeros(keep.shape[0], c.d_model).index_copy(0, rows, y)
         return MoEOutput(y=y.reshape(x.shape), aux_loss=aux, routing=routing, losses=parts)
+
+
+def _sequence_groups(x: Tensor) -> tuple[Tensor | None, int]:
+    """For ``x: [..., S, d]`` with at least one leading dimension, the sequence of each of its
+    tokens (``[T]`` int64) and the number of sequences; (None, 1) for ``[S, d]`` or ``[d]``."""
+    if x.dim() < 3:
+        return None, 1
+    S = x.shape[-2]
+    num = math.prod(x.shape[:-2])
+    groups = torch.arange(num, device=x.device).repeat_interleave(S)
+    return groups, max(num, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lib.checks import check_tensor, check_type
+from moe_lib.checks import check_bool, check_int, check_tensor, check_type
 from moe_lib.routing import Routing
 
 _EPS = 1e-10
@@ -70,21 +70,118 @@ def load_loss(routing: Routing) -> Tensor:
     return cv_squared(smooth_load(routing))
 
 
-def switch_loss(routing: Routing) -> Tensor:
+def switch_loss(
+    routing: Routing,
+    per_group: bool = False,
+    global_counts: Tensor | None = None,
+    global_tokens: int | None = None,
+) -> Tensor:
     """Switch load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
 
     f_i = (assignments the router chose for expert i, before capacity) / tokens, so sum_i f_i = k
     (each slot is normalised on its own, as in the Hugging Face Mixtral loss); P_i = mean router
-    probability of expert i. Under perfectly uniform routing the loss is k (1 for Switch, k = 1).
-    0 for a batch without tokens.
+    probability of expert i (``routing.probs``). Under perfectly uniform routing the loss is k
+    (1 for Switch, k = 1). 0 for a batch without tokens.
+
+    - ``per_group``: f and P per group (sequence) of ``routing.groups``, the loss averaged over
+      the groups (Hugging Face's Switch Transformers computes it per sequence).
+    - ``global_counts: [E]`` and ``global_tokens``: f from counts pooled over a global batch
+      (all micro-batches of a step, all data-parallel ranks) while P stays this batch's own:
+      the global-batch balance loss of Qwen (Qiu et al. 2025). f carries no gradient anyway, so
+      the pooled counts only change which experts the loss pushes away from.
     """
     check_type("routing", routing, Routing)
+    check_bool("per_group", per_group)
+    if (global_counts is None) != (global_tokens is None):
+        raise ValueError("global_counts and global_tokens go together: give both or neither")
+    if global_counts is not None:
+        check_tensor("global_counts", global_counts, dims=1, kind=("int", "float"),
+                     shape=(routing.num_experts,))
+        check_int("global_tokens", global_tokens, low=1)
+        if per_group:
+            raise ValueError("per_group and global_counts exclude each other")
     T = routing.num_tokens
     if T == 0:
         return routing.probs.new_zeros(())
-    f = routing.chosen_counts().to(routing.probs.dtype) / T  # [E]
+    dtype = routing.probs.dtype
+    if per_group and routing.groups is not None:
+        G, E = routing.num_groups, routing.num_experts
+        counts = _group_counts(routing).to(dtype)  # [G, E]
+        sizes = routing.group_sizes().to(dtype)  # [G]
+        p = routing.probs.new_zeros(G, E).index_add(0, routing.groups, routing.probs)
+        present = sizes > 0
+        f = counts[present] / sizes[present, None]
+        p = p[present] / sizes[present, None]
+        return E * (f * p).sum(dim=-1).mean()
+    if global_counts is None:
+        f = routing.chosen_counts().to(dtype) / T  # [E]
+    else:
+        f = global_counts.to(device=routing.probs.device, dtype=dtype) / global_tokens
     p = routing.probs.mean(dim=0)  # [E]
     return routing.num_experts * torch.sum(f * p)
+
+
+def _group_counts(routing: Routing) -> Tensor:
+    """``[G, E]`` assignments each group chose per expert (before capacity)."""
+    G, E = routing.num_groups, routing.num_experts
+    flat = (routing.groups[:, None] * E + routing.expert_ids).reshape(-1)
+    flat = flat[routing.chosen.reshape(-1)]
+    return torch.bincount(flat, minlength=G * E).view(G, E)
+
+
+def pooled_switch_loss(routings: list[Routing]) -> Tensor:
+    """The Switch loss with f and P pooled over several routings before the product, as Hugging
+    Face's ``load_balancing_loss_func`` pools the layers of a model (and as a global batch pools
+    micro-batches): E * sum_i f_i P_i with f_i = (sum over routings of the chosen counts) /
+    (sum of their tokens) and P_i the mean probability over all their tokens. k when uniform.
+
+    The per-layer alternative is ``sum(switch_loss(r) for r in routings)`` (k per layer when
+    uniform). They differ when layers are unbalanced in opposite directions: pooling lets one
+    layer's surplus on an expert cancel another's deficit.
+    """
+    if isinstance(routings, Routing) or not isinstance(routings, (list, tuple)):
+        raise TypeError(f"routings must be a list of Routing records, got "
+                        f"{type(routings).__name__}")
+    if not routings:
+        raise ValueError("routings must hold at least one Routing record")
+    for i, r in enumerate(routings):
+        check_type(f"routings[{i}]", r, Routing)
+    E = routings[0].num_experts
+    if any(r.num_experts != E for r in routings):
+        raise ValueError("every routing must have the same number of experts")
+    tokens = sum(r.num_tokens for r in routings)
+    if tokens == 0:
+        return routings[0].probs.new_zeros(())
+    dtype = routings[0].probs.dtype
+    counts = sum(r.chosen_counts().to(dtype) for r in routings)
+    prob_sum = sum(r.probs.sum(dim=0).to(dtype) for r in routings)
+    return E * torch.sum((counts / tokens) * (prob_sum / tokens))
+
+
+def sequence_balance_loss(routing: Routing) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (its eq. 17-20), before the coefficient alpha:
+
+    within each sequence (group) of T tokens, f_i = E / (k T) * #{t : expert i is among t's
+    top-k} and P_i = (1/T) sum_t s'_{i,t}, with s' the affinities normalised over all experts
+    (``routing.probs``); L = sum_i f_i P_i, averaged over the sequences. 1 under perfectly
+    uniform routing (f_i = 1, P_i = 1/E). DeepSeek-V3 weights it by alpha = 1e-4.
+    """
+    check_type("routing", routing, Routing)
+    T, E, k = routing.num_tokens, routing.num_experts, routing.top_k
+    if T == 0:
+        return routing.probs.new_zeros(())
+    dtype = routing.probs.dtype
+    if routing.groups is None:
+        f = E / (k * T) * routing.chosen_counts().to(dtype)
+        return torch.sum(f * routing.probs.mean(dim=0))
+    G = routing.num_groups
+    sizes = routing.group_sizes().to(dtype)
+    present = sizes > 0
+    counts = _group_counts(routing).to(dtype)[present]  # [G', E]
+    p = routing.probs.new_zeros(G, E).index_add(0, routing.groups, routing.probs)[present]
+    n = sizes[present, None]
+    f = E / (k * n) * counts
+    return (f * (p / n)).sum(dim=-1).mean()
 
 
 def z_loss(routing: Routing) -> Tensor:

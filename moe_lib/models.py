@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lib.checks import check_choice, check_positive_int, check_real, check_tensor, check_type
+from moe_lib.config import MoEConfig
 from moe_lib.experts import FeedForward
-from moe_lib.layer import MoE, MoEConfig
+from moe_lib.layer import MoE
 from moe_lib.routing import Routing
 
 DEFAULT_MOE = {"num_experts": 8, "top_k": 2}

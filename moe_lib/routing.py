@@ -1,11 +1,28 @@
-"""Routers and the ``Routing`` record they return.
+"""The ``Routing`` record, and routing's three steps: score -> select -> weight.
 
-Every router maps tokens ``x: [tokens, d_model]`` to a :class:`Routing`. What is float32:
-the router's logits, softmax, noise, top-k and gate weights are computed in float32 for float32,
+A router (:mod:`moe_lib.routers`) maps tokens ``x: [T, d_model]`` to logits ``z = x W^T (+ b):
+[T, E]`` and then takes three named, documented steps:
+
+1. **score** (:func:`score_experts`): ``"softmax"`` (Switch, Mixtral, Qwen, OLMoE, gpt-oss)
+   s = softmax(z) over the E experts; ``"sigmoid"`` (DeepSeek-V3) s_i = sigmoid(z_i), each
+   expert's affinity on its own.
+2. **select** (:func:`select_experts`): each token's top-k experts by ``s + b_sel``, where
+   ``b_sel`` is an optional per-expert selection bias (DeepSeek-V3's auxiliary-loss-free
+   balancing) that changes which experts are chosen and never the gate values; optionally
+   group-limited (DeepSeek-V3): the E experts form ``n_group`` groups, a group's score is the
+   sum of its two best (biased) scores, only the ``topk_group`` best groups stay, and the
+   experts of the other groups are masked with -inf (a 0 fill would let an expert with a
+   negative biased score lose to a masked one).
+3. **weight** (:func:`weigh_experts`): ``"renormalize"`` (Mixtral, Qwen3, DeepSeek-V3) the chosen
+   s divided by their sum; ``"raw"`` (Switch; Qwen1.5/2-MoE and OLMoE with norm_topk_prob=False)
+   the chosen s as they are; ``"topk_softmax"`` (Shazeer 2017, gpt-oss) softmax over the chosen
+   logits; then times ``routed_scaling_factor`` (2.5 in DeepSeek-V3).
+
+What is float32: logits, scores, selection and gate weights are computed in float32 for float32,
 bfloat16 and float16 inputs (as in Switch and Mixtral; a bf16 router can flip choices between
-near-tied experts), also inside ``torch.autocast``, which is switched off for the router; in
-float64 for float64 inputs (exact gradient checks). Capacity is applied afterwards by
-:func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment.
+near-tied experts), also inside ``torch.autocast``, which the routers switch off; in float64 for
+float64 inputs (exact gradient checks). Capacity is applied afterwards by
+:func:`moe_lib.capacity.apply_capacity`; a router alone keeps every assignment it selects.
 """
 
 from __future__ import annotations
@@ -14,19 +31,18 @@ import contextlib
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_lib.checks import (
     check_bool,
     check_choice,
+    check_int,
     check_int_range,
-    check_nonnegative,
-    check_positive_int,
-    check_real,
+    check_positive,
     check_tensor,
 )
 
+SCORES = ("softmax", "sigmoid")
 WEIGHTINGS = ("renormalize", "topk_softmax", "raw")
 
 
@@ -34,16 +50,24 @@ WEIGHTINGS = ("renormalize", "topk_softmax", "raw")
 class Routing:
     """Which experts each token goes to, with what weight; read by dispatch, losses and plots.
 
-    Shapes (``T`` tokens, ``E`` experts, ``k`` assignments per token):
+    Shapes (``T`` tokens, ``E`` experts, ``k`` assignment slots per token):
 
     - ``expert_ids: [T, k]`` int64, slot 0 is each token's first choice.
-    - ``weights: [T, k]`` float32 (float64 for float64 input) gate weights as the router
-      computed them (before capacity).
-    - ``probs: [T, E]`` float32 softmax of the clean router logits.
-    - ``logits: [T, E]`` float32 clean router logits (no noise).
-    - ``kept: [T, k]`` bool, False where capacity dropped the assignment.
+    - ``weights: [T, k]`` gate weights as the router computed them (before capacity), float32
+      (float64 for float64 input), ``routed_scaling_factor`` included.
+    - ``probs: [T, E]`` the router probabilities that balance losses average (P_i): softmax of
+      the clean logits, or for a sigmoid router its scores normalised to sum to 1 per token.
+    - ``logits: [T, E]`` the clean router logits (no noise; a learned router bias included).
+    - ``kept: [T, k]`` bool, False where the assignment does not run (dropped by capacity, or
+      not selected).
     - ``tokens_per_expert: [E]`` int64, assignments kept per expert.
     - ``noisy_logits`` / ``noise_std: [T, E]``: noisy top-k only, in training (else None).
+    - ``scores: [T, E]`` the affinities the gate weights come from (a sigmoid router's
+      sigmoid(z)); None when they are ``probs``.
+    - ``selected: [T, k]`` bool, the slots the router chose: all of them for token choice
+      (None), for expert choice the (token, expert) pairs an expert picked.
+    - ``groups: [T]`` int64 group (sequence) of each token, in ``[0, num_groups)``; None when
+      all tokens form one group. Capacity and sequence-wise losses can work per group.
     """
 
     expert_ids: Tensor
@@ -54,6 +78,10 @@ class Routing:
     tokens_per_expert: Tensor
     noisy_logits: Tensor | None = None
     noise_std: Tensor | None = None
+    scores: Tensor | None = None
+    selected: Tensor | None = None
+    groups: Tensor | None = None
+    num_groups: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -68,9 +96,23 @@ class Routing:
         return self.probs.shape[1]
 
     @property
+    def affinities(self) -> Tensor:
+        """``[T, E]`` the scores gate weights come from: ``scores``, else ``probs``."""
+        return self.probs if self.scores is None else self.scores
+
+    @property
+    def chosen(self) -> Tensor:
+        """``[T, k]`` bool: the slots the router selected (all of them for token choice)."""
+        if self.selected is None:
+            return torch.ones_like(self.kept)
+        return self.selected
+
+    @property
     def dropped(self) -> int:
-        """Assignments dropped by capacity (0 when dropless)."""
-        return int((~self.kept).sum())
+        """Selected assignments that capacity dropped (0 when dropless)."""
+        if self.selected is None:
+            return int((~self.kept).sum())
+        return int((self.selected & ~self.kept).sum())
 
     @property
     def kept_weights(self) -> Tensor:
@@ -83,21 +125,33 @@ class Routing:
         ``kept_only=True`` zeroes the assignments that capacity dropped.
         """
         check_bool("kept_only", kept_only)
-        w = self.kept_weights if kept_only else self.weights
+        if kept_only:
+            w = self.kept_weights
+        else:
+            w = self.weights if self.selected is None else self.weights * self.selected
         g = w.new_zeros(self.num_tokens, self.num_experts)
         return g.scatter_add(1, self.expert_ids, w)
 
     def chosen_counts(self) -> Tensor:
         """``[E]`` assignments the router chose per expert, before capacity."""
-        return torch.bincount(self.expert_ids.reshape(-1), minlength=self.num_experts)
+        ids = self.expert_ids if self.selected is None else self.expert_ids[self.selected]
+        return torch.bincount(ids.reshape(-1), minlength=self.num_experts)
 
     def with_kept(self, kept: Tensor) -> Routing:
         """A copy with a new ``kept: [T, k]`` bool mask and ``tokens_per_expert`` recounted."""
         check_tensor("kept", kept, kind="bool", shape=tuple(self.expert_ids.shape),
                      device=self.expert_ids.device)
+        if self.selected is not None:
+            kept = kept & self.selected  # an assignment never selected never runs
         ids = self.expert_ids[kept]
         counts = torch.bincount(ids, minlength=self.num_experts)
         return replace(self, kept=kept, tokens_per_expert=counts)
+
+    def group_sizes(self) -> Tensor:
+        """``[num_groups]`` tokens in each group."""
+        if self.groups is None:
+            return torch.tensor([self.num_tokens], device=self.expert_ids.device)
+        return torch.bincount(self.groups, minlength=self.num_groups)
 
 
 def router_dtype(x: Tensor) -> torch.dtype:
@@ -116,64 +170,111 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def make_routing(
-    expert_ids: Tensor,
-    weights: Tensor,
-    logits: Tensor,
-    noisy_logits: Tensor | None = None,
-    noise_std: Tensor | None = None,
-    probs: Tensor | None = None,
-) -> Routing:
-    """Build a Routing with every assignment kept (no capacity yet), after checking its parts.
+# --------------------------------------------------------------------------------------------
+# The three steps
 
-    ``expert_ids: [T, k]`` integers in ``[0, E)``, ``weights: [T, k]``, ``logits: [T, E]`` floats;
-    ``probs``: ``softmax(logits)`` when the caller has it already (else computed here).
+
+def score_experts(logits: Tensor, score: str) -> tuple[Tensor, Tensor]:
+    """Step 1: ``logits: [T, E] -> (scores, probs)``, both ``[T, E]``.
+
+    - ``"softmax"``: s = softmax(z); probs = s.
+    - ``"sigmoid"``: s_i = sigmoid(z_i) (DeepSeek-V3); probs = s / sum_j s_j, the normalised
+      affinities DeepSeek-V3's sequence-wise balance loss averages (s' in its paper).
     """
     check_tensor("logits", logits, dims=2, kind="float")
-    T, E = logits.shape
-    check_tensor("expert_ids", expert_ids, dims=2, kind="int", shape=(T, None),
-                 device=logits.device)
-    check_tensor("weights", weights, kind="float", shape=tuple(expert_ids.shape),
-                 device=logits.device)
-    if expert_ids.numel():
-        low, high = int(expert_ids.min()), int(expert_ids.max())
-        if low < 0 or high >= E:
-            raise ValueError(f"expert_ids must be in [0, {E - 1}] (E={E} columns of logits), "
-                             f"got values in [{low}, {high}]")
-    for name, t in (("probs", probs), ("noisy_logits", noisy_logits), ("noise_std", noise_std)):
-        if t is not None:
-            check_tensor(name, t, kind="float", shape=(T, E), device=logits.device)
-    return _routing(expert_ids.long(), weights, logits, noisy_logits, noise_std, probs)
+    check_choice("score", score, SCORES)
+    return _score(logits, score)
 
 
-def _routing(
-    expert_ids: Tensor,
-    weights: Tensor,
-    logits: Tensor,
-    noisy_logits: Tensor | None = None,
-    noise_std: Tensor | None = None,
-    probs: Tensor | None = None,
-) -> Routing:
-    """:func:`make_routing` without the checks, for the routers (whose ids are in range by
-    construction; the range check would make the device wait for the host)."""
-    kept = torch.ones_like(expert_ids, dtype=torch.bool)
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
-    return Routing(
-        expert_ids=expert_ids,
-        weights=weights,
-        probs=logits.softmax(dim=-1) if probs is None else probs,
-        logits=logits,
-        kept=kept,
-        tokens_per_expert=counts,
-        noisy_logits=noisy_logits,
-        noise_std=noise_std,
-    )
+def _score(logits: Tensor, score: str) -> tuple[Tensor, Tensor]:
+    if score == "softmax":
+        probs = logits.softmax(dim=-1)
+        return probs, probs
+    s = logits.sigmoid()
+    return s, s / s.sum(dim=-1, keepdim=True)
+
+
+def select_experts(
+    choice: Tensor, k: int, n_group: int | None = None, topk_group: int | None = None
+) -> Tensor:
+    """Step 2: each token's top-k experts by ``choice: [T, E]`` -> ``expert_ids: [T, k]`` int64.
+
+    ``choice`` is what selection ranks: the logits (softmax routers: the same order as their
+    probabilities), or the scores plus a selection bias. Group-limited (``n_group`` groups of
+    E / n_group experts, keep ``topk_group`` of them): a group's score is the sum of its two
+    best choice values (its one value for groups of one expert); experts outside the kept
+    groups get -inf, so they can never be chosen, whatever their bias.
+    """
+    check_tensor("choice", choice, dims=2, kind="float")
+    E = choice.shape[1]
+    check_int_range("k", k, 1, max(1, E))
+    if (n_group is None) != (topk_group is None):
+        raise ValueError("n_group and topk_group go together: give both or neither, got "
+                         f"n_group={n_group!r}, topk_group={topk_group!r}")
+    if n_group is not None:
+        check_group_limits(E, k, n_group, topk_group)
+    return _select(choice, k, n_group, topk_group)
+
+
+def check_group_limits(num_experts: int, k: int, n_group: int, topk_group: int) -> None:
+    """``n_group`` divides E, ``topk_group`` in [1, n_group], and the kept groups hold at least
+    k experts."""
+    check_int("n_group", n_group, low=1, high=num_experts)
+    if num_experts % n_group:
+        raise ValueError(f"n_group must divide num_experts={num_experts}, got {n_group}")
+    check_int("topk_group", topk_group, low=1, high=n_group)
+    if topk_group * (num_experts // n_group) < k:
+        raise ValueError(f"topk_group={topk_group} groups of {num_experts // n_group} experts "
+                         f"hold fewer than top_k={k} experts; raise topk_group")
+
+
+def _select(choice: Tensor, k: int, n_group: int | None, topk_group: int | None) -> Tensor:
+    if n_group is None or n_group == 1:
+        return choice.topk(k, dim=-1).indices
+    T, E = choice.shape
+    per_group = E // n_group
+    grouped = choice.view(T, n_group, per_group)  # [T, G, E/G]
+    group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, G]
+    keep = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+    masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, E)
+    return masked.topk(k, dim=-1).indices
+
+
+def weigh_experts(
+    expert_ids: Tensor, scores: Tensor, logits: Tensor, weighting: str,
+    routed_scaling_factor: float = 1.0,
+) -> Tensor:
+    """Step 3: gate weights ``[T, k]`` of the chosen ``expert_ids: [T, k]``.
+
+    With ``s = scores.gather(ids)``: ``"renormalize"`` g = s / sum(s); ``"raw"`` g = s;
+    ``"topk_softmax"`` g = softmax(logits.gather(ids)). Then g times ``routed_scaling_factor``.
+    For a softmax router "renormalize" and "topk_softmax" give the same weights.
+    """
+    check_tensor("logits", logits, dims=2, kind="float")
+    check_tensor("scores", scores, kind="float", shape=tuple(logits.shape), device=logits.device)
+    check_tensor("expert_ids", expert_ids, dims=2, kind="int", shape=(logits.shape[0], None),
+                 device=logits.device)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_positive("routed_scaling_factor", routed_scaling_factor)
+    return _weigh(expert_ids.long(), scores, logits, weighting, float(routed_scaling_factor))
+
+
+def _weigh(ids: Tensor, scores: Tensor, logits: Tensor, weighting: str, scale: float) -> Tensor:
+    if weighting == "topk_softmax":
+        w = logits.gather(1, ids).softmax(dim=-1)
+    else:
+        w = scores.gather(1, ids)  # [T, k]
+        if weighting == "renormalize":
+            w = w / w.sum(dim=-1, keepdim=True)
+    return w if scale == 1.0 else w * scale
 
 
 def topk_weights(
     scores: Tensor, k: int, weighting: str, probs: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Pick the k best experts from ``scores: [T, E]`` logits and weight them.
+    """Select and weigh for a softmax router in one call: the k best of ``scores: [T, E]``
+    (logits) and their gate weights (see :func:`weigh_experts`).
 
     - ``"renormalize"`` (Mixtral): p = softmax(z) over all E, keep the top-k p, divide by their sum.
     - ``"topk_softmax"`` (Shazeer 2017): G = softmax(KeepTopK(z, k)), other logits set to -inf.
@@ -194,130 +295,91 @@ def topk_weights(
 
 
 def _topk_weights(
-    scores: Tensor, k: int, weighting: str, probs: Tensor | None = None
+    logits: Tensor, k: int, weighting: str, probs: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """:func:`topk_weights` without the checks (the routers' own arguments are checked once)."""
-    top_logits, ids = scores.topk(k, dim=-1)  # [T, k]
-    if weighting == "topk_softmax":
-        return ids, top_logits.softmax(dim=-1)
-    if probs is None:
-        probs = scores.softmax(dim=-1)
-    top = probs.gather(1, ids)  # [T, k]
-    if weighting == "raw":
-        return ids, top
-    return ids, top / top.sum(dim=-1, keepdim=True)
+    ids = logits.topk(k, dim=-1).indices  # [T, k]
+    if probs is None and weighting != "topk_softmax":
+        probs = logits.softmax(dim=-1)
+    return ids, _weigh(ids, probs if probs is not None else logits, logits, weighting, 1.0)
 
 
-class DenseRouter(nn.Module):
-    """Softmax gating over all experts (Jacobs et al. 1991): every expert runs on every token.
+# --------------------------------------------------------------------------------------------
+# Building records
 
-    y = sum_i softmax(x W_g)_i E_i(x). ``expert_ids`` is ``[T, E]`` (all experts, in order).
+
+def make_routing(
+    expert_ids: Tensor,
+    weights: Tensor,
+    logits: Tensor,
+    noisy_logits: Tensor | None = None,
+    noise_std: Tensor | None = None,
+    probs: Tensor | None = None,
+    scores: Tensor | None = None,
+) -> Routing:
+    """Build a Routing with every assignment kept (no capacity yet), after checking its parts.
+
+    ``expert_ids: [T, k]`` integers in ``[0, E)``, ``weights: [T, k]``, ``logits: [T, E]`` floats;
+    ``probs``: ``softmax(logits)`` when the caller has it already (else computed here);
+    ``scores``: a sigmoid router's affinities (else None).
     """
-
-    def __init__(self, d_model: int, num_experts: int) -> None:
-        super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_experts", num_experts)
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-
-    def check_input(self, x: Tensor) -> None:
-        """``x`` must be a float tensor ``[T, d_model]`` on the router's device."""
-        check_tensor("x", x, dims=2, kind="float", shape=(None, self.d_model),
-                     device=self.gate.weight.device)
-
-    def logits(self, x: Tensor) -> Tensor:
-        """Clean router logits ``z = x W_g^T: [T, E]`` in float32 (float64 for float64 input)."""
-        self.check_input(x)
-        with no_autocast(x.device):
-            return self._logits(x)
-
-    def _logits(self, x: Tensor) -> Tensor:
-        dtype = router_dtype(x)
-        return F.linear(x.to(dtype), self.gate.weight.to(dtype))
-
-    def forward(self, x: Tensor) -> Routing:
-        """``x: [T, d_model]`` -> :class:`Routing` (see the module docstring for the dtypes)."""
-        self.check_input(x)
-        with no_autocast(x.device):
-            return self.route(x)
-
-    def route(self, x: Tensor) -> Routing:
-        """The routing maths, on a checked input, with autocast off."""
-        z = self._logits(x)
-        ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        probs = z.softmax(dim=-1)  # the gate weights are the probabilities
-        return _routing(ids, probs, z, probs=probs)
+    check_tensor("logits", logits, dims=2, kind="float")
+    T, E = logits.shape
+    check_tensor("expert_ids", expert_ids, dims=2, kind="int", shape=(T, None),
+                 device=logits.device)
+    check_tensor("weights", weights, kind="float", shape=tuple(expert_ids.shape),
+                 device=logits.device)
+    if expert_ids.numel():
+        low, high = int(expert_ids.min()), int(expert_ids.max())
+        if low < 0 or high >= E:
+            raise ValueError(f"expert_ids must be in [0, {E - 1}] (E={E} columns of logits), "
+                             f"got values in [{low}, {high}]")
+    named = (("probs", probs), ("noisy_logits", noisy_logits), ("noise_std", noise_std),
+             ("scores", scores))
+    for name, t in named:
+        if t is not None:
+            check_tensor(name, t, kind="float", shape=(T, E), device=logits.device)
+    return _build_routing(expert_ids.long(), weights, logits, noisy_logits, noise_std, probs,
+                         scores)
 
 
-class TopKRouter(DenseRouter):
-    """Top-k gating: each token goes to the k experts with the largest logits.
-
-    ``weighting`` makes the normalisation explicit (see :func:`topk_weights`). ``jitter_eps > 0``
-    multiplies the router input by U(1 - eps, 1 + eps) in training (Switch Transformer jitter).
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int = 2,
-        weighting: str = "renormalize",
-        jitter_eps: float = 0.0,
-    ) -> None:
-        check_positive_int("num_experts", num_experts)
-        check_int_range("top_k", top_k, 1, num_experts)
-        check_choice("weighting", weighting, WEIGHTINGS)
-        check_real("jitter_eps", jitter_eps, 0.0, 1.0, high_open=True)  # x * U(1 - eps, 1 + eps)
-        super().__init__(d_model, num_experts)
-        self.top_k = top_k
-        self.weighting = weighting
-        self.jitter_eps = float(jitter_eps)
-
-    def route(self, x: Tensor) -> Routing:
-        if self.training and self.jitter_eps > 0:
-            noise = torch.empty_like(x, dtype=router_dtype(x))
-            x = x.to(noise.dtype) * noise.uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        z = self._logits(x)
-        probs = z.softmax(dim=-1)  # once, for the weights and the Routing record
-        ids, w = _topk_weights(z, self.top_k, self.weighting, probs)
-        return _routing(ids, w, z, probs=probs)
+def _build_routing(
+    expert_ids: Tensor,
+    weights: Tensor,
+    logits: Tensor,
+    noisy_logits: Tensor | None = None,
+    noise_std: Tensor | None = None,
+    probs: Tensor | None = None,
+    scores: Tensor | None = None,
+    selected: Tensor | None = None,
+) -> Routing:
+    """:func:`make_routing` without the checks, for the routers (whose parts are right by
+    construction; the range check would make the device wait for the host). ``selected``:
+    expert choice's ``[T, k]`` mask of the pairs the experts picked."""
+    kept = torch.ones_like(expert_ids, dtype=torch.bool) if selected is None else selected
+    ids = expert_ids if selected is None else expert_ids[selected]
+    counts = torch.bincount(ids.reshape(-1), minlength=logits.shape[-1])
+    return Routing(
+        expert_ids=expert_ids,
+        weights=weights,
+        probs=logits.softmax(dim=-1) if probs is None else probs,
+        logits=logits,
+        kept=kept,
+        tokens_per_expert=counts,
+        noisy_logits=noisy_logits,
+        noise_std=noise_std,
+        scores=scores,
+        selected=selected,
+    )
 
 
-class NoisyTopKRouter(TopKRouter):
-    """Noisy top-k gating (Shazeer et al. 2017), noise in training only.
-
-    H(x)_i = (x W_g)_i + N(0, 1) * softplus((x W_noise)_i); G(x) = softmax(KeepTopK(H(x), k)).
-    ``W_noise`` starts at zero, as in the paper, so the initial noise scale is softplus(0) ~ 0.69;
-    ``noise_scale`` multiplies the noise (0 turns it off; 1 is the paper's).
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int = 2,
-        weighting: str = "topk_softmax",
-        noise_scale: float = 1.0,
-    ) -> None:
-        check_nonnegative("noise_scale", noise_scale)
-        super().__init__(d_model, num_experts, top_k, weighting)
-        self.noise = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.zeros_(self.noise.weight)
-        self.noise_scale = float(noise_scale)
-
-    def route(self, x: Tensor) -> Routing:
-        z = self._logits(x)
-        probs = z.softmax(dim=-1)  # of the clean logits: for the Routing record
-        if not self.training or self.noise_scale == 0:
-            ids, w = _topk_weights(z, self.top_k, self.weighting, probs)
-            return _routing(ids, w, z, probs=probs)
-        dtype = router_dtype(x)
-        std = F.softplus(F.linear(x.to(dtype), self.noise.weight.to(dtype))) * self.noise_scale
-        h = z + torch.randn_like(z) * std  # [T, E]
-        ids, w = _topk_weights(h, self.top_k, self.weighting)
-        return _routing(ids, w, z, noisy_logits=h, noise_std=std, probs=probs)
-
-
-ROUTER_KINDS = ("dense", "topk", "noisy_topk")
+def with_groups(routing: Routing, groups: Tensor | None, num_groups: int) -> Routing:
+    """The routing with each token's group (sequence): ``groups: [T]`` int64 in
+    ``[0, num_groups)``, or None for one group."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
+    check_int("num_groups", num_groups, low=1)
+    if groups is not None:
+        check_tensor("groups", groups, dims=1, kind="int", shape=(routing.num_tokens,),
+                     device=routing.expert_ids.device)
+    return replace(routing, groups=groups, num_groups=num_groups)

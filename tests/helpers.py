@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from moe_lib import MoE, Permutation
-from moe_lib.activations import activation
+from moe_lib.activations import activation, in_width
 from moe_lib.routing import make_routing
 
 
@@ -62,7 +62,7 @@ def grads(module, x):
 def expert_weights(E, d, h, kind, dtype=torch.float64, seed=0):
     """Stacked ``w_in: [E, d, h_in]``, ``w_out: [E, h, d]`` that require gradients."""
     g = torch.Generator().manual_seed(seed)
-    h_in = 2 * h if kind == "swiglu" else h
+    h_in = in_width(h, kind)
     w_in = torch.randn(E, d, h_in, generator=g, dtype=dtype).requires_grad_()
     w_out = torch.randn(E, h, d, generator=g, dtype=dtype).requires_grad_()
     return w_in, w_out

@@ -182,8 +182,9 @@ def test_build_impls_errors_name_the_argument(args, kwargs, name):
 def test_baselines_refuse_a_layer_they_do_not_compute():
     with pytest.raises(TypeError, match="moe"):
         MaskLoopMoE(torch.nn.Linear(2, 2))
-    for kwargs in ({"capacity_factor": 1.0}, {"router": "noisy_topk"}, {"top_k": 1}):
-        with pytest.raises(ValueError, match="moe must be a top-k layer"):
+    for kwargs in ({"capacity_factor": 1.0}, {"router": "noisy_topk"}, {"top_k": 1},
+                   {"score": "sigmoid"}, {"n_shared": 1}, {"router_bias": True}):
+        with pytest.raises(ValueError, match="moe must be a plain top-k layer"):
             IndexAddMoE(MoE(8, 6, 4, **kwargs))
     with pytest.raises(ValueError, match="x must have shape"):
         MaskLoopMoE(MoE(8, 6, 4, 2))(torch.randn(3, 5))

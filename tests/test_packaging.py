@@ -62,8 +62,9 @@ def test_book_modules_name_the_extra_when_it_is_missing(module):
 
 # The layers of DESIGN.md's "Shape of moe_lib 0.2", bottom (0) to top.
 LAYER = dict(checks=0, runtime=1, activations=1, routing=1, kernels=2, capacity=2, losses=2,
-             stats=2, permute=3, experts=3, dispatch=4, layer=5, models=6, data=6, train=7,
-             bench=8, plot=8, widgets=8, notebook=8)
+             stats=2, routers=2, permute=3, experts=3, dispatch=4, shared=4, config=5, layer=6,
+             models=7, data=7, interop=7, parallel=7, train=8, bench=9, plot=9, widgets=9,
+             notebook=9)
 
 
 def _imports(path: Path) -> set[str]:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
 from moe_lib import MoE, NoisyTopKRouter, TopKRouter
-from moe_lib.routing import DenseRouter, make_routing, topk_weights
+from moe_lib.routers import DenseRouter
+from moe_lib.routing import make_routing, topk_weights
 
 FAST = settings(max_examples=40, deadline=None, database=None)
 

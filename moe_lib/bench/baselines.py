@@ -32,10 +32,14 @@ def expert_list(bank: ExpertBank) -> nn.ModuleList:
     """One ``FeedForward`` per expert with the bank's weights (separate parameters, as in HF)."""
     check_type("bank", bank, ExpertBank)
     experts = nn.ModuleList()
+    bias = bank.b_in is not None
     for e in range(bank.num_experts):
-        ffn = FeedForward(bank.d_model, bank.d_hidden, bank.kind)
+        ffn = FeedForward(bank.d_model, bank.d_hidden, bank.activation, bias=bias)
         ffn.w_in.data.copy_(bank.w_in.data[e])
         ffn.w_out.data.copy_(bank.w_out.data[e])
+        if bias:
+            ffn.b_in.data.copy_(bank.b_in.data[e])
+            ffn.b_out.data.copy_(bank.b_out.data[e])
         experts.append(ffn)
     return experts
 
@@ -43,11 +47,15 @@ def expert_list(bank: ExpertBank) -> nn.ModuleList:
 def _check_topk_layer(moe: object) -> MoE:
     check_type("moe", moe, MoE)
     c = moe.config
-    if c.router != "topk" or c.weighting != "renormalize" or c.capacity_factor is not None:
-        raise ValueError("moe must be a top-k layer with router='topk', renormalised weights "
-                         "and no capacity (the form these baselines compute), got "
-                         f"router={c.router!r}, weighting={c.weighting!r}, "
-                         f"capacity_factor={c.capacity_factor}")
+    plain = (c.router == "topk" and c.weighting == "renormalize" and c.score == "softmax"
+             and c.capacity_factor is None and c.capacity is None and c.n_shared == 0
+             and c.n_group is None and not c.selection_bias and c.routed_scaling_factor == 1.0
+             and not c.router_bias)
+    if not plain:
+        raise ValueError("moe must be a plain top-k layer (router='topk', softmax scores, "
+                         "renormalised weights, no capacity, no shared experts, no groups, no "
+                         "selection or router bias, scale 1): the form these baselines compute; "
+                         f"got {c}")
     return moe
 
 
@@ -125,7 +133,9 @@ class GroupedMMBank(ExpertBank):
         if sum(counts) != x_sorted.shape[0]:
             raise ValueError(f"counts must sum to the {x_sorted.shape[0]} rows of x_sorted, got "
                              f"{sum(counts)}")
+        if self.b_in is not None:
+            raise ValueError("GroupedMMBank has no bias path: build it with bias=False")
         offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
         h = torch._grouped_mm(x_sorted, self.w_in.to(x_sorted.dtype), offs=offs)
-        act = activation(h, self.kind)
+        act = activation(h, self.activation)
         return torch._grouped_mm(act, self.w_out.to(x_sorted.dtype), offs=offs)
