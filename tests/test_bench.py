@@ -41,9 +41,34 @@ def test_registry_holds_the_builtin_implementations_in_table_order():
                            "moe_lib loop", "moe_lib sorted", "sorted+grouped_mm",
                            "sorted+compile")
     assert set(bench.QUICK_IMPLS) <= set(bench.IMPLS)
-    assert bench.SLOW == ("dense gating", "mask loop", "index_add (HF)", "moe_lib loop")
-    assert [n for n, e in bench.REGISTRY.items() if not e.compare] == ["dense bound",
-                                                                      "dense gating"]
+    assert bench.SLOW == ("dense gating", "mask loop", "index_add (HF)", "moe_lib loop",
+                          "deepseek-style loop")
+    assert [n for n, e in bench.REGISTRY.items() if not e.compare] == [
+        "dense bound", "dense gating", "deepseek dense bound", "deepseek-style sorted",
+        "deepseek-style loop"]
+    assert set(bench.DEEPSEEK_IMPLS) <= set(bench.REGISTRY)
+
+
+def test_deepseek_style_rows_are_measured_against_their_own_dense_ffn():
+    """The DeepSeek-style layer does the FLOPs of a dense FFN of hidden (k + 1) h (k routed
+    experts and the shared one); its ratios are to that FFN, and it agrees with its loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    impls = bench.build_impls(16, 8, 8, 2, names=bench.DEEPSEEK_IMPLS)
+    x = torch.randn(64, 16)
+    with FlopCounterMode(display=False) as dense:
+        impls["deepseek dense bound"].fn(x)
+    with FlopCounterMode(display=False) as moe:
+        y = impls["deepseek-style sorted"].fn(x)
+    router = 2 * 64 * 16 * 8
+    assert moe.get_total_flops() == dense.get_total_flops() + router
+    torch.testing.assert_close(impls["deepseek-style loop"].fn(x), y)
+    rows = bench.run_benchmark(bench.DispatchBenchConfig([(16, 8, 8, 2, 64)],
+                                                         bench.DEEPSEEK_IMPLS, rounds=1,
+                                                         memory=False, threads=1))
+    by = {r["impl"]: r for r in rows}
+    assert by["deepseek dense bound"]["fwd_ratio"] == 1.0
+    assert by["dense bound"]["fwd_ratio"] == 1.0
 
 
 def test_every_registered_name_builds():

@@ -71,7 +71,8 @@ from moe_lib.checks import (
 from moe_lib.runtime import as_device, cpu_threads, synchronize
 
 __all__ = [
-    "IMPLS", "PRESETS", "QUICK_IMPLS", "QUICK_SIZES", "REGISTRY", "SLOW", "TARGET_SIZES",
+    "DEEPSEEK_IMPLS", "DEEPSEEK_SIZES", "IMPLS", "PRESETS", "QUICK_IMPLS", "QUICK_SIZES",
+    "REGISTRY", "SLOW", "TARGET_SIZES",
     "Built", "Context", "DispatchBenchConfig", "build_impls", "check_outputs", "compile_report",
     "expert_flops", "format_table", "gemm_reference", "layer_fn", "main", "parse_sizes",
     "register", "run_benchmark", "stage_times",
@@ -89,6 +90,12 @@ PRESETS: dict[str, list[Size]] = {
 }
 QUICK_IMPLS = ("dense bound", "mask loop", "index_add (HF)", "moe_lib loop", "moe_lib sorted",
                "sorted+grouped_mm")
+# --deepseek: a DeepSeek-style layer (many small experts, a shared expert, sigmoid scores,
+# group-limited selection) at a CPU size, against its own FLOP-matched dense FFN (hidden
+# (k + 1) h), beside the plain top-k layer of the same size against the dense bound.
+DEEPSEEK_SIZES: list[Size] = [(256, 64, 64, 6, 4096)]
+DEEPSEEK_IMPLS = ("dense bound", "moe_lib sorted", "deepseek dense bound",
+                  "deepseek-style sorted", "deepseek-style loop")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -252,10 +259,11 @@ def _run_size(c: DispatchBenchConfig, d: int, h: int, E: int, k: int, T: int) ->
     for n in ready:
         if c.memory and n not in mem:
             mem[n] = peak_memory(impls[n].fn, impls[n].params, x, g)
-    ref, ref_mem = times.get("dense bound"), mem.get("dense bound")
     fl = expert_flops(T, d, h, k)
     rows = []
     for n, impl in impls.items():
+        bound = REGISTRY[n].bound if n in REGISTRY else "dense bound"
+        ref, ref_mem = times.get(bound), mem.get(bound)
         row = dict(d=d, h=h, E=E, k=k, T=T, impl=n, note=impl.note)
         t = times.get(n)
         if t is not None:
@@ -301,7 +309,8 @@ def format_table(rows: list[dict]) -> str:
         return format(v, fmt)
 
     has_flops = any("tflops_fwd" in r for r in rows)
-    head = (f"{'implementation':<19}{'fwd ms':>9}{'x dense':>8}{'fwd+bwd ms':>11}{'x dense':>8}"
+    w = max([19] + [len(r["impl"]) + 1 for r in rows])
+    head = (f"{'implementation':<{w}}{'fwd ms':>9}{'x dense':>8}{'fwd+bwd ms':>11}{'x dense':>8}"
             f"{'peak MiB':>9}{'x dense':>8}")
     if has_flops:
         head += f"{'TFLOP/s f':>10}{'f+b':>7}"
@@ -313,7 +322,7 @@ def format_table(rows: list[dict]) -> str:
             key = size
             lines += ["", "d_model={} d_hidden={} experts={} k={} tokens={}".format(*size), head,
                       "-" * len(head)]
-        line = (f"{r['impl']:<19}{f(r.get('fwd_ms'), '9.1f')}{f(r.get('fwd_ratio'), '8.2f')}"
+        line = (f"{r['impl']:<{w}}{f(r.get('fwd_ms'), '9.1f')}{f(r.get('fwd_ratio'), '8.2f')}"
                 f"{f(r.get('fwdbwd_ms'), '11.1f')}{f(r.get('fwdbwd_ratio'), '8.2f')}"
                 f"{f(r.get('peak_mib'), '9.1f')}{f(r.get('mem_ratio'), '8.2f')}")
         if has_flops:
@@ -347,12 +356,16 @@ def _parser() -> argparse.ArgumentParser:
                    help='"d,h,E,k,T;..." (default: the three sizes of issue #4)')
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="GPU sizes (bfloat16 on CUDA); prints TFLOP/s")
+    p.add_argument("--deepseek", action="store_true",
+                   help="a DeepSeek-style layer (64 experts of hidden 64, k=6, one shared expert, "
+                        "sigmoid, groups) against its own FLOP-matched dense FFN, on a CPU")
     p.add_argument("--quick", action="store_true",
                    help="chapter 6's run: one size, no dense gating, 1 thread, process clock, "
                         "7 rounds (each can be overridden)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
-    p.add_argument("--impls", default=None, help="comma-separated subset of: " + ", ".join(IMPLS))
+    p.add_argument("--impls", default=None,
+                   help="comma-separated subset of: " + ", ".join(REGISTRY))
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 9; --quick 7)")
     p.add_argument("--min-rounds", type=int, default=None,
                    help="rounds before the slow baselines may stop (default min(3, rounds))")
@@ -385,8 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick and not args.device.startswith("cuda")
     if args.quick:
         sizes = args.sizes or QUICK_SIZES
+    if args.deepseek:
+        sizes = args.sizes or DEEPSEEK_SIZES
     if args.impls is None:
-        args.impls = ",".join(QUICK_IMPLS if args.quick else IMPLS)
+        args.impls = ",".join(QUICK_IMPLS if args.quick else
+                              DEEPSEEK_IMPLS if args.deepseek else IMPLS)
     if args.rounds is None:
         args.rounds = 7 if args.quick else 9
     if args.threads is None:
@@ -411,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_benchmark(config)
     print(f"device={args.device} dtype={dtype} threads={args.threads} "
           f"clock={args.clock} torch={torch.__version__}; medians of up to {args.rounds} "
-          f"interleaved rounds; x dense: ratio to the dense bound (FeedForward of hidden k*h)")
+          f"interleaved rounds; x dense: ratio to the dense bound (FeedForward of hidden k*h; "
+          f"for the deepseek-style rows, of hidden (k+1)*h: the shared expert included)")
     print(format_table(rows))
     load1 = load_average()
     gpu = (f", GPU: {torch.cuda.get_device_name(config.device)}"

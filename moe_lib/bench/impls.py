@@ -101,7 +101,8 @@ class Entry:
     ``compare``: its output must equal the reference's (False for the dense FFN and dense
     gating, which compute something else). ``compiles``: its first call compiles, so it is
     checked on the full input (compiled once, for the timed shape) and its memory measured after
-    the timing.
+    the timing. ``bound``: the implementation its ratios are taken to (its FLOP-matched dense
+    FFN).
     """
 
     name: str
@@ -109,13 +110,14 @@ class Entry:
     slow: bool = False
     compare: bool = True
     compiles: bool = False
+    bound: str = "dense bound"
 
 
 REGISTRY: dict[str, Entry] = {}
 
 
 def register(name: str, slow: bool = False, compare: bool = True,
-             compiles: bool = False) -> Callable[[Builder], Builder]:
+             compiles: bool = False, bound: str = "dense bound") -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(ctx) -> Built`` under ``name`` (see :class:`Entry`)."""
     check_type("name", name, str)
     if not name.strip():
@@ -125,12 +127,13 @@ def register(name: str, slow: bool = False, compare: bool = True,
     check_bool("slow", slow)
     check_bool("compare", compare)
     check_bool("compiles", compiles)
+    check_type("bound", bound, str)
 
     def decorate(builder: Builder) -> Builder:
         if not callable(builder):
             raise TypeError(f"builder must be callable, ctx -> Built, got "
                             f"{type(builder).__name__}")
-        REGISTRY[name] = Entry(name, builder, slow, compare, compiles)
+        REGISTRY[name] = Entry(name, builder, slow, compare, compiles, bound)
         return builder
 
     return decorate
@@ -196,7 +199,46 @@ def _sorted_compile(ctx: Context) -> Built:
     return Built(mod, torch.compile(layer_fn(mod)))
 
 
-IMPLS = tuple(REGISTRY)  # the built-in implementations, in the order of the tables
+IMPLS = tuple(REGISTRY)  # the layers of one top-k size, in the order of the tables
+
+
+def deepseek_options(E: int, k: int) -> dict:
+    """A DeepSeek-V3-style layer at any size: sigmoid scores, group-limited selection (8 or 4
+    groups, half of them kept, when E allows), a selection bias, routed scaling 2.5, and one
+    ungated shared expert of the routed experts' width."""
+    options = dict(score="sigmoid", selection_bias=True, routed_scaling_factor=2.5, n_shared=1)
+    for n_group in (8, 4):
+        if E % n_group == 0 and (n_group // 2) * (E // n_group) >= k:
+            options.update(n_group=n_group, topk_group=n_group // 2)
+            break
+    return options
+
+
+DEEPSEEK_BOUND = "deepseek dense bound"
+
+
+@register(DEEPSEEK_BOUND, compare=False, bound=DEEPSEEK_BOUND)
+def _deepseek_bound(ctx: Context) -> Built:
+    mod = FeedForward(ctx.d, (ctx.k + 1) * ctx.h, "swiglu")  # k routed + 1 shared expert
+    return Built(mod, mod)
+
+
+@register("deepseek-style sorted", compare=False, bound=DEEPSEEK_BOUND)
+def _deepseek_sorted(ctx: Context) -> Built:
+    torch.manual_seed(ctx.seed)
+    mod = MoE(ctx.d, ctx.h, ctx.E, ctx.k, expert="swiglu", dispatch="sorted",
+              **deepseek_options(ctx.E, ctx.k))
+    return Built(mod, layer_fn(mod), "sigmoid, groups, bias, scale 2.5, 1 shared")
+
+
+@register("deepseek-style loop", slow=True, compare=False, bound=DEEPSEEK_BOUND)
+def _deepseek_loop(ctx: Context) -> Built:
+    torch.manual_seed(ctx.seed)
+    mod = MoE(ctx.d, ctx.h, ctx.E, ctx.k, expert="swiglu", dispatch="loop",
+              **deepseek_options(ctx.E, ctx.k))
+    return Built(mod, layer_fn(mod))
+
+
 SLOW = tuple(n for n, e in REGISTRY.items() if e.slow)
 
 
