@@ -182,6 +182,21 @@ class Transformer(nn.Module):
             x = x.mean(dim=1)  # (B, D) global average pooling
         return ModelOutput(logits=self.head(x), aux_loss=aux, routings=routings)
 
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers of the blocks, in order (empty for a dense model)."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_selection_bias(self, gamma: float) -> None:
+        """DeepSeek-V3's loss-free bias update on every MoE layer (each built with
+        ``selection_bias=True``), after the optimizer step."""
+        layers = self.moe_layers()
+        if not layers or not all(m.config.selection_bias for m in layers):
+            raise ValueError("update_selection_bias needs MoE layers built with "
+                             "selection_bias=True")
+        for m in layers:
+            m.update_selection_bias(gamma)
+
 
 def ffn_parameter_counts(model: Transformer) -> dict[str, int]:
     """Parameters in the FFN blocks: ``total`` (all experts) and ``active`` (used per token).

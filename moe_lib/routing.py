@@ -383,3 +383,47 @@ def with_groups(routing: Routing, groups: Tensor | None, num_groups: int) -> Rou
         check_tensor("groups", groups, dims=1, kind="int", shape=(routing.num_tokens,),
                      device=routing.expert_ids.device)
     return replace(routing, groups=groups, num_groups=num_groups)
+
+
+def concat_routings(routings: list[Routing]) -> Routing:
+    """One record for the tokens of several (micro-batches, ranks): every ``[T, ...]`` field
+    concatenated along the tokens, counts summed, groups renumbered one after the other."""
+    if isinstance(routings, Routing) or not isinstance(routings, (list, tuple)):
+        raise TypeError(f"routings must be a list of Routing records, got "
+                        f"{type(routings).__name__}")
+    if not routings:
+        raise ValueError("routings must hold at least one Routing record")
+    for i, r in enumerate(routings):
+        if not isinstance(r, Routing):
+            raise TypeError(f"routings[{i}] must be a Routing, got {type(r).__name__}")
+    first = routings[0]
+    if any(r.num_experts != first.num_experts or r.top_k != first.top_k for r in routings):
+        raise ValueError("routings must share the number of experts and of slots per token")
+    if len(routings) == 1:
+        return first
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(r, name) for r in routings]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):
+            raise ValueError(f"routings must all have {name} or all lack it")
+        return torch.cat(parts)
+
+    groups = None
+    if any(r.groups is not None for r in routings):
+        offsets, parts = 0, []
+        for r in routings:
+            g = r.groups if r.groups is not None else torch.zeros(
+                r.num_tokens, dtype=torch.long, device=r.expert_ids.device)
+            parts.append(g + offsets)
+            offsets += r.num_groups
+        groups = torch.cat(parts)
+    num_groups = sum(r.num_groups for r in routings) if groups is not None else 1
+    return Routing(
+        expert_ids=cat("expert_ids"), weights=cat("weights"), probs=cat("probs"),
+        logits=cat("logits"), kept=cat("kept"),
+        tokens_per_expert=sum(r.tokens_per_expert for r in routings),
+        noisy_logits=cat("noisy_logits"), noise_std=cat("noise_std"), scores=cat("scores"),
+        selected=cat("selected"), groups=groups, num_groups=num_groups,
+    )

@@ -277,3 +277,69 @@ def test_train_errors_name_the_argument(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         train(Transformer(tiny()), _copy_task(), progress=False, **args)
 
+
+
+# ----------------------------------------------------------- micro-batches, loss-free bias
+
+
+def _fixed_batches(n: int, B: int = 4, S: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 32, (B, S), generator=g) for _ in range(n)]
+
+
+def test_micro_batches_accumulate_to_the_big_batch_gradient():
+    """A dense model: two micro-batches of 4 give the step of one batch of 8."""
+    xs = _fixed_batches(2)
+    big = torch.cat(xs)
+    results = []
+    for m, batches in ((1, [big]), (2, xs)):
+        torch.manual_seed(0)
+        model = Transformer(tiny(ffn="dense"))
+        train(model, lambda i, b=batches: (b[i], b[i]), steps=1, micro_batches=m,
+              progress=False)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_update_after_each_step_pools_micro_batches_and_can_freeze():
+    moe = {"num_experts": 4, "top_k": 2, "score": "sigmoid", "selection_bias": True}
+    torch.manual_seed(0)
+    model = Transformer(tiny(moe=moe))
+    xs = _fixed_batches(8)
+    res = train(model, lambda i: (xs[i], xs[i]), steps=4, micro_batches=2, progress=False,
+                bias_update=lambda step: 1e-2 if step < 2 else 0.0)
+    biases = [m.router.selection_bias for m in model.moe_layers()]
+    for b in biases:
+        assert b.abs().max() <= 2 * 1e-2 + 1e-9  # two updates of at most gamma, then frozen
+        assert b.abs().max() > 0
+    assert res.max_violation.shape == (4, 2) and (res.max_violation >= 0).all()
+    assert res.expert_share.shape == (4, 2, 4)
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        train(Transformer(tiny()), _copy_task(), steps=1, bias_update=1e-3, progress=False)
+
+
+def test_global_balance_loss_pools_counts_over_micro_batches():
+    """With equal micro-batches the global-batch loss equals the Switch loss of the whole
+    step's tokens (f pooled, P averaged)."""
+    from moe_lib import losses
+    from moe_lib.routing import concat_routings
+
+    moe = {"num_experts": 4, "top_k": 2}
+    torch.manual_seed(0)
+    model = Transformer(tiny(moe=moe))
+    xs = _fixed_batches(2)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    res = train(model, lambda i: (xs[i], xs[i]), steps=1, micro_batches=2, lr=1e-9,
+                global_balance_coef=1.0, progress=False)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), snapshot, strict=True):
+            p.copy_(q)
+        model.train()
+        outs = [model(x) for x in xs]
+    want = sum(losses.switch_loss(concat_routings([o.routings[layer] for o in outs]))
+               for layer in range(2))
+    assert res.history["aux_loss"][0] == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="balance_loss=None"):
+        train(Transformer(tiny()), _copy_task(), steps=1, global_balance_coef=1e-2,
+              progress=False)
