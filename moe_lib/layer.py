@@ -117,6 +117,26 @@ class MoE(nn.Module):
             raise TypeError(f"config must be an MoEConfig, got {type(config).__name__}")
         return cls(**config.to_dict())
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, **options: object) -> MoE:
+        """The layer of a Hugging Face MoE block (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
+        Switch Transformers, gpt-oss) with its weights, dtype and device, giving the block's
+        results: see :func:`moe_lib.interop.from_hf` for ``options``."""
+        # Imported here, not at the top: interop sits above this module, and importing moe_lib
+        # must never import transformers (an optional extra).
+        from moe_lib.interop import from_hf
+
+        return from_hf(block, **options)
+
+    def to_hf(self, family: str, *, drop_losses: bool = False) -> nn.Module:
+        """The Hugging Face block of ``family`` ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+        "deepseek_v3", "switch_transformers", "gpt_oss") with this layer's weights: see
+        :func:`moe_lib.interop.to_hf`."""
+        # Imported here for the same reasons as in from_hf.
+        from moe_lib.interop import to_hf
+
+        return to_hf(self, family, drop_losses=drop_losses)
+
     # Read-only views of the config, for code that reads ``layer.top_k`` and the like.
     @property
     def d_model(self) -> int:

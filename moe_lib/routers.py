@@ -173,6 +173,15 @@ class TopKRouter(DenseRouter):
         return _build_routing(ids, w, z, probs=probs,
                              scores=None if self.score == "softmax" else scores)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's own signature
+        """``.to(dtype)`` and friends move the selection bias but keep it float32 (as DeepSeek
+        does): in bfloat16 a step of gamma = 1e-3 on a bias of 0.5 would round away."""
+        keep = self.selection_bias if self.has_selection_bias else None
+        out = super()._apply(fn, recurse)
+        if keep is not None and self.selection_bias.dtype in (torch.bfloat16, torch.float16):
+            self.selection_bias = keep.to(device=self.selection_bias.device)
+        return out
+
     @torch.no_grad()
     def update_selection_bias(self, gamma: float) -> Tensor:
         """Auxiliary-loss-free balancing (DeepSeek-V3; Wang et al. 2024): after the optimizer

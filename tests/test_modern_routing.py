@@ -431,3 +431,16 @@ def test_config_round_trip_with_modern_options():
     assert MoE.from_config(c).config == c
     assert "selection_bias" in dict(layer.router.named_buffers())
     assert "load_counts" not in layer.state_dict()  # transient, not saved
+
+
+def test_selection_bias_stays_float32_in_a_bfloat16_layer():
+    layer = MoE(8, 4, 4, score="sigmoid", selection_bias=True)
+    with torch.no_grad():
+        layer.router.selection_bias.fill_(0.5)
+    layer = layer.to(torch.bfloat16)
+    assert layer.router.selection_bias.dtype == torch.float32
+    layer.train()
+    layer(torch.randn(16, 8, dtype=torch.bfloat16))
+    change = layer.update_selection_bias(1e-3)
+    assert set(change.abs().unique().tolist()) <= {0.0, torch.tensor(1e-3).item()}
+    assert torch.allclose(layer.router.selection_bias, 0.5 + change)
