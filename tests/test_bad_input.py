@@ -26,6 +26,7 @@ from moe_lib import (
     capacity,
     data,
     dispatch,
+    interop,
     kernels,
     losses,
     permute,
@@ -399,6 +400,17 @@ CASES = [
     ("layer.MoE", lambda: MoE(8, 4, 4).update_selection_bias(1e-3), ValueError,
      "selection_bias"),
     ("layer.MoE", lambda: MoE(8, 4, 4, n_experts=4), TypeError, "n_experts"),
+    ("interop.from_hf", lambda: interop.from_hf(MoE(8, 4, 4)), TypeError, "block"),
+    ("interop.from_hf", lambda: interop.from_hf(None), TypeError, "block"),
+    ("interop.to_hf", lambda: interop.to_hf(MoE(8, 4, 4), "llama"), ValueError, "family"),
+    ("interop.to_hf", lambda: interop.to_hf(torch.nn.Linear(2, 2), "mixtral"), TypeError,
+     "layer"),
+    ("interop.to_hf", lambda: interop.to_hf(MoE(8, 4, 4, expert_bias=True), "mixtral"),
+     ValueError, "expert_bias"),
+    ("interop.state_to_hf", lambda: interop.state_to_hf("t5", {}), ValueError, "family"),
+    ("interop.state_from_hf", lambda: interop.state_from_hf("mixtral", [1]), TypeError,
+     "state"),
+    ("interop.family_of", lambda: interop.family_of("block"), TypeError, "block"),
     # ---------------------------------------------------------------- models
     ("models.TransformerConfig", lambda: TransformerConfig(ffn="dense", moe={"top_k": 1}),
      ValueError, "moe"),
@@ -533,7 +545,7 @@ def test_setup_refuses_bad_seed_and_threads(monkeypatch):
 
 MODULES = ("runtime", "activations", "routing", "routers", "config", "shared", "capacity",
            "permute", "kernels", "experts",
-           "dispatch", "losses", "stats", "layer", "models", "data", "train")
+           "dispatch", "losses", "stats", "layer", "models", "data", "train", "interop")
 # Records built by the library itself (their constructors take what a validated function made),
 # autograd Functions (called through the checked functions of moe_lib.kernels), and functions
 # without arguments.
@@ -546,6 +558,7 @@ NO_ARGUMENTS_TO_CHECK = {
     "runtime.default_device": "takes no argument", "data.stdlib_root": "takes no argument",
     "data.language_reference": "takes no argument",
     "train.TrainResult": "a record built by train",
+    "interop.Family": "a record of the family registry, built in the module",
 }
 
 
