@@ -1,0 +1,302 @@
+"""Sparse upcycling of chapter 8's dense language model, against two ways of not upcycling.
+
+Chapter 8's byte-level language model on the standard library's source, with a dense SwiGLU FFN
+of hidden ``k h`` in each block (chapter 8's ``dense_active``), is trained for ``dense_steps``
+steps. Then, for ``steps`` more steps on the same batches:
+
+- ``dense``: the dense model, trained on;
+- ``upcycled``: the dense model with every FFN turned into E experts that are copies of it and a
+  new router (:func:`moe_lib.upcycle.upcycle_model`; top-k, renormalised weights, so the model
+  computes exactly what the dense model computed when the phase starts), trained on;
+- ``scratch``: the same MoE architecture from a random initialisation, trained for
+  ``dense_steps + steps`` steps on all the batches the other two saw.
+
+Each phase starts a fresh AdamW with the same warm-up (:func:`moe_lib.train.train`); the MoE
+layers use the Switch balance loss and the z-loss, as in chapter 8. Per seed, all arms share the
+dense initialisation (scratch: the same seed), the batches and the validation batches, so the
+comparison is paired. The upcycled MoE does about twice the FFN work of the dense model per token
+(two experts of the dense FFN's width): the runs record active and total parameters.
+
+    python -m moe_lib.bench.upcycling --quick --out upcycling.json
+
+One line per run, then, as the last line, a JSON summary: the mean final validation loss per
+arm and the per-seed differences. Needs the ``book`` extra (pandas, tqdm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from moe_lib.bench.expert_choice import parse_overrides
+from moe_lib.bench.machine import machine_record
+from moe_lib.bench.moe_vs_dense import _check_seeds
+from moe_lib.checks import (
+    check_bool,
+    check_int,
+    check_int_range,
+    check_positive,
+    check_positive_int,
+    check_type,
+)
+from moe_lib.data import lm_batch, load_code_corpus
+from moe_lib.layer import MoE
+from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
+from moe_lib.runtime import as_device, default_device
+from moe_lib.train import evaluate, train
+from moe_lib.upcycle import upcycle_model, upcycled_equals_dense
+
+ARMS = ("dense", "upcycled", "scratch")
+VAL_SEED = 1234  # the fixed validation batches
+PHASE_TWO_SEED = 10_000  # phase two's batches: generator seeded PHASE_TWO_SEED + seed
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and training: ``d_model``, ``n_layers``, ``n_heads`` (dividing d_model), ``h``
+    (chapter 8's expert width; the dense FFN has hidden ``top_k * h``, and so have the upcycled
+    experts), ``seq_len``, ``batch``, ``dense_steps`` (phase one), ``steps`` (phase two),
+    ``lr``, ``max_bytes`` (None: the whole corpus), ``eval_batches``, ``eval_every``,
+    ``num_experts`` and ``top_k`` (>= 2: one renormalised expert would get weight 1 and its
+    router no gradient from the task)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    h: int = 64
+    seq_len: int = 64
+    batch: int = 16
+    dense_steps: int = 400
+    steps: int = 400
+    lr: float = 3e-3
+    max_bytes: int | None = 400_000
+    eval_batches: int = 8
+    eval_every: int = 50
+    num_experts: int = 8
+    top_k: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "h", "seq_len", "batch", "dense_steps",
+                     "steps", "eval_batches", "eval_every", "num_experts"):
+            check_positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads must divide d_model={self.d_model}, got {self.n_heads}")
+        check_positive("lr", self.lr)
+        object.__setattr__(self, "lr", float(self.lr))
+        if self.max_bytes is not None:
+            check_positive_int("max_bytes", self.max_bytes)
+        check_int_range("top_k", self.top_k, 2, self.num_experts)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (what ``--out`` files record under ``meta.settings``)."""
+        return asdict(self)
+
+
+QUICK = Settings()
+FULL = Settings(d_model=256, n_layers=4, n_heads=8, h=256, seq_len=256, batch=32,
+                dense_steps=2000, steps=2000, lr=1e-3, max_bytes=None, eval_batches=32,
+                eval_every=200)
+
+
+def moe_options(settings: Settings) -> dict:
+    """The MoE layers' options (chapter 8's, with the experts' width from the dense FFN)."""
+    check_type("settings", settings, Settings)
+    return {"top_k": settings.top_k, "balance_loss": "switch", "z_loss_coef": 1e-3}
+
+
+def dense_config(settings: Settings) -> TransformerConfig:
+    """Chapter 8's ``dense_active`` model: SwiGLU FFN of hidden ``top_k * h``."""
+    check_type("settings", settings, Settings)
+    s = settings
+    return TransformerConfig(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
+                             seq_len=s.seq_len, task="lm", ffn="dense", d_hidden=s.top_k * s.h)
+
+
+def moe_config(settings: Settings) -> TransformerConfig:
+    """The upcycled architecture: E SwiGLU experts of hidden ``top_k * h``, top-k."""
+    check_type("settings", settings, Settings)
+    s = settings
+    return TransformerConfig(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
+                             seq_len=s.seq_len, task="lm", ffn="moe", d_hidden=s.top_k * s.h,
+                             moe={"num_experts": s.num_experts, **moe_options(s)})
+
+
+def expert_spread(layer: MoE) -> float:
+    """How far a layer's experts are apart: the mean over experts of ``||W_e - W_mean|| /
+    ||W_mean||`` over both weight matrices (0 for identical copies)."""
+    check_type("layer", layer, MoE)
+    spreads = []
+    for w in (layer.experts.w_in, layer.experts.w_out):  # [E, ., .]
+        mean = w.detach().mean(dim=0, keepdim=True)
+        spreads.append((w.detach() - mean).flatten(1).norm(dim=1) / mean.norm())
+    return float(torch.stack(spreads).mean())
+
+
+def _curve(res) -> dict:
+    return res.history.dropna(subset=["val_loss"])[["step", "val_loss"]].to_dict("list")
+
+
+def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu",
+        progress: bool = True) -> list[dict]:
+    """Every arm with every seed; one result dict per run, in the order seed, arm.
+
+    A result holds ``arm``, ``seed``, ``val_loss`` (final, nats per byte over the fixed
+    validation batches), ``start_val_loss`` (when phase two starts: the dense model's for
+    ``dense`` and ``upcycled``, the initial one for ``scratch``), ``curve`` (validation losses
+    during phase two, steps counted from its start; scratch: over its whole run, steps counted
+    from its start), ``active_params`` and ``total_params`` (FFN blocks), ``seconds``
+    (training wall time of the arm's own phase), for the MoE arms ``expert_spread`` (per
+    layer, at the end), for ``upcycled`` ``start_diff`` (the largest logit difference to the
+    dense model when upcycled).
+    """
+    check_type("settings", settings, Settings)
+    seeds = _check_seeds(seeds)
+    device = as_device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
+                         "visible to torch")
+    check_bool("progress", progress)
+    s = settings
+    corpus = load_code_corpus(max_bytes=s.max_bytes)
+    g = torch.Generator().manual_seed(VAL_SEED)
+    val = [lm_batch(corpus["val"], s.batch, s.seq_len, g) for _ in range(s.eval_batches)]
+    common = dict(lr=s.lr, eval_batches=val, eval_every=s.eval_every, device=device,
+                  progress=progress)
+    results = []
+    for seed in seeds:
+        phase_one = [lm_batch(corpus["train"], s.batch, s.seq_len, gen)
+                     for gen in [torch.Generator().manual_seed(seed)] for _ in range(s.dense_steps)]
+        phase_two = [lm_batch(corpus["train"], s.batch, s.seq_len, gen)
+                     for gen in [torch.Generator().manual_seed(PHASE_TWO_SEED + seed)]
+                     for _ in range(s.steps)]
+        torch.manual_seed(seed)
+        dense = Transformer(dense_config(s))
+        train(dense, lambda i, b=phase_one: b[i], s.dense_steps, seed=seed,
+              desc=f"dense pretraining seed {seed}", **common)
+        dense_val = evaluate(dense, val, device)
+        probe = val[0][0].to(device)
+        upcycled = upcycle_model(dense, s.num_experts, **moe_options(s))
+        start_diff = upcycled_equals_dense(dense, upcycled, probe)
+        torch.manual_seed(seed)
+        scratch = Transformer(moe_config(s))
+        scratch_start = evaluate(scratch.to(device), val, device)
+        both = phase_one + phase_two
+        arms = {"dense": (dense, phase_two, dense_val),
+                "upcycled": (upcycled, phase_two, dense_val),
+                "scratch": (scratch, both, scratch_start)}
+        for arm, (model, batches, start) in arms.items():
+            res = train(model, lambda i, b=batches: b[i], len(batches), seed=seed,
+                        desc=f"{arm} seed {seed}", **common)
+            counts = ffn_parameter_counts(model)
+            row = {"arm": arm, "seed": seed, "val_loss": evaluate(model, val, device),
+                   "start_val_loss": start, "curve": _curve(res),
+                   "active_params": counts["active"], "total_params": counts["total"],
+                   "seconds": res.seconds}
+            if arm != "dense":
+                row["expert_spread"] = [expert_spread(m) for m in model.moe_layers()]
+            if arm == "upcycled":
+                row["start_diff"] = start_diff
+            results.append(row)
+    return results
+
+
+_RUN_KEYS = ("arm", "seed", "val_loss", "start_val_loss", "curve")
+
+
+def _check_results(results: object) -> None:
+    check_type("results", results, list)
+    for i, r in enumerate(results):
+        check_type(f"results[{i}]", r, dict)
+        missing = [key for key in _RUN_KEYS if key not in r]
+        if missing:
+            raise ValueError(f"results[{i}] must be a result of run(), misses {missing}")
+
+
+def final_losses(results: list[dict]) -> dict[str, list[float]]:
+    """``{arm: [final validation loss per seed]}`` over the seeds run with every arm, in seed
+    order."""
+    _check_results(results)
+    by = {(r["arm"], r["seed"]): r["val_loss"] for r in results}
+    seeds = sorted({seed for _, seed in by if all((a, seed) in by for a in ARMS)})
+    if not seeds:
+        raise ValueError("results must hold every arm for at least one seed")
+    return {arm: [by[(arm, seed)] for seed in seeds] for arm in ARMS} | {"seeds": seeds}
+
+
+def summary(results: list[dict]) -> dict:
+    """The last-line JSON: ``{arm}_val_loss`` (mean final validation loss), the per-seed
+    differences ``dense_minus_upcycled`` and ``scratch_minus_upcycled`` (> 0: upcycling is
+    better), and the seeds."""
+    f = final_losses(results)
+    out = {f"{arm}_val_loss": sum(f[arm]) / len(f[arm]) for arm in ARMS}
+    for other in ("dense", "scratch"):
+        out[f"{other}_minus_upcycled"] = [o - u for o, u in zip(f[other], f["upcycled"])]
+    out["seeds"] = f["seeds"]
+    return out
+
+
+def format_runs(results: list[dict]) -> str:
+    """One line per run: arm, seed, validation loss at the start of phase two and at the end,
+    FFN parameters, seconds."""
+    _check_results(results)
+    lines = [f"{'arm':<10}{'seed':>5}{'start':>9}{'final':>9}{'active':>10}{'total':>10}"
+             f"{'time s':>9}"]
+    for r in results:
+        lines.append(f"{r['arm']:<10}{r['seed']:>5}{r['start_val_loss']:>9.4f}"
+                     f"{r['val_loss']:>9.4f}{r.get('active_params', 0):>10}"
+                     f"{r.get('total_params', 0):>10}{r.get('seconds', 0.0):>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``python -m moe_lib.bench.upcycling --help``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m moe_lib.bench.upcycling", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-scale settings (used by the book)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--dense-steps", type=int, default=None, help="override phase one's steps")
+    p.add_argument("--steps", type=int, default=None, help="override phase two's steps")
+    p.add_argument("--device", default=str(default_device()))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--out", default=None, help="also write all runs to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override settings, e.g. --set d_model=32 batch=8 (fields of Settings)")
+    args = p.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    try:
+        s = replace(s, **parse_overrides(args.set, Settings))
+        if args.dense_steps is not None:
+            s = replace(s, dense_steps=args.dense_steps)
+        if args.steps is not None:
+            s = replace(s, steps=args.steps)
+        seeds = _check_seeds(args.seeds)
+        device = as_device(args.device)
+        check_int("--threads", args.threads, low=1)
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
+    torch.set_num_threads(args.threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results = run(s, seeds, device, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    print(format_runs(results))
+    if args.out:
+        meta = {**machine_record(device), "settings": s.to_dict(), "seconds": elapsed,
+                "cpu_seconds": time.process_time() - cpu_start, "arms": list(ARMS),
+                "moe_options": moe_options(s), "val_seed": VAL_SEED,
+                "phase_two_seed": PHASE_TWO_SEED,
+                "command": "python -m moe_lib.bench.upcycling " + " ".join(
+                    sys.argv[1:] if argv is None else argv)}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "runs": results, "summary": summary(results)}, f)
+    print(json.dumps(summary(results)))
+
+
+if __name__ == "__main__":
+    main()
