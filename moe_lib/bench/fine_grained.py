@@ -31,22 +31,20 @@ extra (pandas, tqdm) for :mod:`moe_lib.train`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass, replace
 
 import torch
 
-from moe_lib.bench.machine import machine_record
+from moe_lib.bench import cli
 from moe_lib.bench.moe_vs_dense import FULL as LM_FULL
 from moe_lib.bench.moe_vs_dense import QUICK as LM_QUICK
-from moe_lib.bench.moe_vs_dense import Settings, _check_seeds, parse_overrides
+from moe_lib.bench.moe_vs_dense import Settings
 from moe_lib.checks import check_bool, check_int, check_tensor, check_type
 from moe_lib.data import CHAR_CLASSES, char_classes, lm_batch, load_code_corpus
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
-from moe_lib.runtime import as_device, default_device
+from moe_lib.runtime import as_device
 from moe_lib.stats import max_violation, utilisation_by_group
 from moe_lib.train import evaluate, train
 
@@ -161,7 +159,7 @@ def run(settings: Settings, seeds: list[int], variants: tuple[Variant, ...] = VA
     :func:`probe`, on the same validation windows for every run).
     """
     check_type("settings", settings, Settings)
-    seeds = _check_seeds(seeds)
+    seeds = cli.check_seeds(seeds)
     variants = _check_variants(variants, settings)
     device = as_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -280,45 +278,24 @@ def _parse_variants(names: list[str] | None) -> tuple[Variant, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line (``python -m moe_lib.bench.fine_grained --help``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m moe_lib.bench.fine_grained", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-scale settings (used by the book)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p = cli.experiment_parser("fine_grained", __doc__, seeds=[0, 1, 2], settings_help=(
+        "e.g. --set d_model=128 n_heads=8: fields of moe_vs_dense.Settings"))
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help="variants to run, e.g. m=1 m=4+shared (default: all six)")
-    p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--out", default=None, help="also write all runs to this JSON file")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="override settings, e.g. --set d_model=128 n_heads=8 (fields of "
-                        "moe_vs_dense.Settings)")
     args = p.parse_args(argv)
-    s = QUICK if args.quick else FULL
+    s, seeds, device = cli.settings_from_args(p, args, QUICK, FULL)
     try:
-        s = replace(s, **parse_overrides(args.set))
-        if args.steps is not None:
-            s = replace(s, steps=args.steps)
-        seeds = _check_seeds(args.seeds)
         variants = _check_variants(_parse_variants(args.variants), s)
-        device = as_device(args.device)
-        check_int("--threads", args.threads, low=1)
     except (TypeError, ValueError) as err:
         p.error(str(err))
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    clock = cli.Clock()
     results = run(s, seeds, tuple(variants), device, progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
     print(format_runs(results))
     if args.out:
-        meta = {**machine_record(device), "settings": s.to_dict(), "seconds": elapsed,
-                "variants": [v.name for v in variants], "balance_alpha": BALANCE_ALPHA,
-                "z_loss_coef": Z_LOSS_COEF, "probe_windows": PROBE_WINDOWS,
-                "char_classes": list(CHAR_CLASSES)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "runs": results, "summary": summary(results)}, f)
+        cli.write_results(args.out, "fine_grained", argv, device, s, clock, results,
+                          summary(results), variants=[v.name for v in variants],
+                          balance_alpha=BALANCE_ALPHA, z_loss_coef=Z_LOSS_COEF,
+                          probe_windows=PROBE_WINDOWS, char_classes=list(CHAR_CLASSES))
     print(json.dumps(summary(results)))
 
 

@@ -22,18 +22,14 @@ Needs the ``book`` extra (pandas, tqdm) for :mod:`moe_lib.train`.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import json
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-from moe_lib.bench.machine import machine_record
+from moe_lib.bench import cli
 from moe_lib.checks import (
     check_bool,
-    check_int,
     check_int_range,
     check_positive,
     check_positive_int,
@@ -41,7 +37,7 @@ from moe_lib.checks import (
 )
 from moe_lib.data import lm_batch, load_code_corpus
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
-from moe_lib.runtime import as_device, default_device
+from moe_lib.runtime import as_device
 from moe_lib.train import evaluate, train
 
 NUM_EXPERTS, TOP_K = 8, 2
@@ -110,18 +106,6 @@ def model_configs(settings: Settings) -> dict[str, TransformerConfig]:
     }
 
 
-def _check_seeds(seeds: object) -> list[int]:
-    if not isinstance(seeds, (list, tuple)):
-        raise TypeError(f"seeds must be a list of ints, got {type(seeds).__name__} {seeds!r}")
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed, got none")
-    for i, seed in enumerate(seeds):
-        check_int(f"seeds[{i}]", seed, low=0, high=2**32 - 1)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
-    return list(seeds)
-
-
 _RUN_KEYS = ("model", "seed", "val_loss", "active_params", "total_params", "seconds")
 
 
@@ -145,7 +129,7 @@ def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu"
     trained models are stored in it under ``(model, seed)``.
     """
     check_type("settings", settings, Settings)
-    seeds = _check_seeds(seeds)
+    seeds = cli.check_seeds(seeds)
     device = as_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
@@ -190,7 +174,7 @@ def summary(results: list[dict], seeds: list[int]) -> dict:
     ``moe_total_params``, ``dense_active_params``, ``dense_total_params``, ``seeds``.
     """
     _check_results(results)
-    seeds = _check_seeds(seeds)
+    seeds = cli.check_seeds(seeds)
     out: dict = {}
     for name in MODELS:
         rows = [r for r in results if r["model"] == name]
@@ -217,55 +201,23 @@ def format_runs(results: list[dict]) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["d_model=128", "max_bytes=None"]`` -> ``{"d_model": 128, "max_bytes": None}`` for
-    ``dataclasses.replace(settings, **overrides)`` (which checks the values)."""
-    check_type("items", items, list)
-    known = [f.name for f in fields(Settings)]
-    out = {}
-    for item in items:
-        check_type("items[...]", item, str)
-        key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"an override is FIELD=VALUE with FIELD one of {known}, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(f"the value of {key} must be a number or None, got {text!r}") from err
-    return out
+    """``["d_model=128", "max_bytes=None"]`` -> ``{"d_model": 128, "max_bytes": None}``: the
+    ``--set`` overrides of :class:`Settings` (:func:`moe_lib.bench.cli.parse_overrides`)."""
+    return cli.parse_overrides(items, Settings)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The command line (``python -m moe_lib.bench.moe_vs_dense --help``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m moe_lib.bench.moe_vs_dense", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-scale settings (used by the book)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
-    p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--out", default=None, help="also write all runs to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="override settings, e.g. --set d_model=128 n_heads=8 (fields of Settings)")
+    p = cli.experiment_parser("moe_vs_dense", __doc__, seeds=[0, 1, 2], threads=None,
+                              settings_help="e.g. --set d_model=128 n_heads=8: fields of Settings")
     args = p.parse_args(argv)
-    s = QUICK if args.quick else FULL
-    try:
-        s = replace(s, **parse_overrides(args.set))
-        if args.steps is not None:
-            s = replace(s, steps=args.steps)
-        seeds = _check_seeds(args.seeds)
-        device = as_device(args.device)
-    except (TypeError, ValueError) as err:
-        p.error(str(err))
-    start = time.perf_counter()
+    s, seeds, device = cli.settings_from_args(p, args, QUICK, FULL)
+    clock = cli.Clock()
     results = run(s, seeds, device, progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
     print(format_runs(results))
     if args.out:
-        meta = {**machine_record(device), "settings": s.to_dict(), "seconds": elapsed}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "runs": results, "summary": summary(results, seeds)}, f,
-                      indent=1)
+        cli.write_results(args.out, "moe_vs_dense", argv, device, s, clock, results,
+                          summary(results, seeds))
     print(json.dumps(summary(results, seeds)))
 
 

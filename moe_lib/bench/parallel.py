@@ -29,17 +29,17 @@ times measure the oversubscription as much as the method; the CPU times and byte
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moe_lib.bench import cli
 from moe_lib.bench.machine import machine_record
 from moe_lib.checks import (
     check_choice,
@@ -244,20 +244,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    known = [f.name for f in fields(ParallelSettings)]
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"an override is FIELD=VALUE with FIELD one of {known}, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text  # a string field (dtype)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """The command line (``python -m moe_lib.bench.parallel --help``)."""
     p = argparse.ArgumentParser(prog="python -m moe_lib.bench.parallel", description=__doc__,
@@ -279,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     world_sizes = args.world_sizes or ([n for n in (1, 2, 4, 8) if n <= gpus]
                                        if backend == "nccl" else [1, 2, 4])
     try:
-        s = replace(QUICK if args.quick else FULL, **_parse_overrides(args.set))
+        overrides = cli.parse_overrides(args.set, ParallelSettings, strings=True)
+        s = replace(QUICK if args.quick else FULL, **overrides)
         if backend == "nccl" and max(world_sizes) > gpus:
             raise ValueError(f"--backend nccl needs one GPU per rank; {gpus} visible")
     except (TypeError, ValueError) as err:

@@ -25,20 +25,14 @@ arm and the per-seed differences. Needs the ``book`` extra (pandas, tqdm).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from moe_lib.bench.expert_choice import parse_overrides
-from moe_lib.bench.machine import machine_record
-from moe_lib.bench.moe_vs_dense import _check_seeds
+from moe_lib.bench import cli
 from moe_lib.checks import (
     check_bool,
-    check_int,
     check_int_range,
     check_positive,
     check_positive_int,
@@ -47,7 +41,7 @@ from moe_lib.checks import (
 from moe_lib.data import lm_batch, load_code_corpus
 from moe_lib.layer import MoE
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
-from moe_lib.runtime import as_device, default_device
+from moe_lib.runtime import as_device
 from moe_lib.train import evaluate, train
 from moe_lib.upcycle import upcycle_model, upcycled_equals_dense
 
@@ -155,7 +149,7 @@ def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu"
     dense model when upcycled).
     """
     check_type("settings", settings, Settings)
-    seeds = _check_seeds(seeds)
+    seeds = cli.check_seeds(seeds)
     device = as_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
@@ -255,46 +249,23 @@ def format_runs(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line (``python -m moe_lib.bench.upcycling --help``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m moe_lib.bench.upcycling", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-scale settings (used by the book)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p = cli.experiment_parser("upcycling", __doc__, seeds=[0, 1, 2, 3, 4], settings_help=(
+        "e.g. --set d_model=32 batch=8: fields of Settings"))
     p.add_argument("--dense-steps", type=int, default=None, help="override phase one's steps")
-    p.add_argument("--steps", type=int, default=None, help="override phase two's steps")
-    p.add_argument("--device", default=str(default_device()))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--out", default=None, help="also write all runs to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="override settings, e.g. --set d_model=32 batch=8 (fields of Settings)")
     args = p.parse_args(argv)
-    s = QUICK if args.quick else FULL
-    try:
-        s = replace(s, **parse_overrides(args.set, Settings))
-        if args.dense_steps is not None:
+    s, seeds, device = cli.settings_from_args(p, args, QUICK, FULL)
+    if args.dense_steps is not None:
+        try:
             s = replace(s, dense_steps=args.dense_steps)
-        if args.steps is not None:
-            s = replace(s, steps=args.steps)
-        seeds = _check_seeds(args.seeds)
-        device = as_device(args.device)
-        check_int("--threads", args.threads, low=1)
-    except (TypeError, ValueError) as err:
-        p.error(str(err))
-    torch.set_num_threads(args.threads)
-    start, cpu_start = time.perf_counter(), time.process_time()
+        except (TypeError, ValueError) as err:
+            p.error(str(err))
+    clock = cli.Clock()
     results = run(s, seeds, device, progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
     print(format_runs(results))
     if args.out:
-        meta = {**machine_record(device), "settings": s.to_dict(), "seconds": elapsed,
-                "cpu_seconds": time.process_time() - cpu_start, "arms": list(ARMS),
-                "moe_options": moe_options(s), "val_seed": VAL_SEED,
-                "phase_two_seed": PHASE_TWO_SEED,
-                "command": "python -m moe_lib.bench.upcycling " + " ".join(
-                    sys.argv[1:] if argv is None else argv)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "runs": results, "summary": summary(results)}, f)
+        cli.write_results(args.out, "upcycling", argv, device, s, clock, results,
+                          summary(results), arms=list(ARMS), moe_options=moe_options(s),
+                          val_seed=VAL_SEED, phase_two_seed=PHASE_TWO_SEED)
     print(json.dumps(summary(results)))
 
 
