@@ -45,7 +45,10 @@ from moe_lib.interop import (  # noqa: E402
 
 H, W, B, S = 8, 6, 3, 7  # hidden, expert width, batch, sequence
 EXACT_TOL = 1e-12
-FLOAT32_TOL = 1e-6  # float32 rounding of routers that Hugging Face computes in float32
+# float32 rounding of routers that Hugging Face computes in float32: about 80 float32 ulps (eps
+# 1.19e-7), since gradients sum rounded terms over tokens and the order of the sum differs between
+# CPUs (1.18e-6 relative was seen on one machine where another gave under 1e-6).
+FLOAT32_TOL = 1e-5
 DIFFS: dict[tuple[str, str], float] = {}
 
 SPECS = {
