@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from moe_lib.activations import ExpertActivation, activation, activation_spec, in_width
 from moe_lib.checks import check_bool, check_int, check_positive_int, check_tensor
-from moe_lib.kernels import expert_mlp, grouped_matmul, swiglu
+from moe_lib.kernels import block_activation, expert_mlp, grouped_matmul, swiglu
 
 
 def _uniform_(w: Tensor, fan_in: int) -> Tensor:
@@ -50,6 +50,20 @@ def _ffn(x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Ten
         h = h + b_in
     y = activation(h, spec) @ w_out
     return y if b_out is None else y + b_out
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w (+ b)``: ``mm``, or one ``addmm`` with the bias (the block kernel's arithmetic)."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+def _expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+                b_out: Tensor | None, spec: ExpertActivation) -> Tensor:
+    """One expert on its rows, as one block of :class:`moe_lib.kernels.ExpertMLP`:
+    ``act(x @ w_in + b_in) @ w_out + b_out`` (autograd records the activation when it must)."""
+    h = _linear(x, w_in, b_in)
+    act = activation(h, spec) if torch.is_grad_enabled() else block_activation(h, spec)
+    return _linear(act, w_out, b_out)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -150,6 +164,73 @@ class ExpertBank(nn.Module):
         b_in, b_out = (None if b is None else b[e].to(dtype) for b in (self.b_in, self.b_out))
         return _ffn(x.to(dtype), self.w_in[e].to(dtype), self.w_out[e].to(dtype), b_in, b_out,
                     self.activation)  # expert e's weights alone are cast
+
+    def _expert_weights(self, e: int, dtype: torch.dtype
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Expert e's ``w_in: [d_model, h_in]``, ``w_out: [d_hidden, d_model]`` and biases (or
+        None) in ``dtype``: only expert e's weights are cast."""
+        return (self.w_in[e].to(dtype), self.w_out[e].to(dtype),
+                None if self.b_in is None else self.b_in[e].to(dtype),
+                None if self.b_out is None else self.b_out[e].to(dtype))
+
+    def forward_rows(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` on rows ``x: [n, d_model] -> [n, d_model]``, computed as the CPU block
+        kernel computes one block of its rows (:class:`moe_lib.kernels.ExpertMLP`): ``mm`` (or
+        ``addmm`` with the bias), the activation, ``mm`` (or ``addmm``). Differentiable by
+        autograd; only expert e's weights are read (and cast)."""
+        check_int("e", e, low=0, high=self.num_experts - 1)
+        self._check_rows(x)
+        dtype = compute_dtype(x)
+        return _expert_ffn(x.to(dtype), *self._expert_weights(e, dtype), self.activation)
+
+    def forward_copies(self, x: Tensor, copies: dict[int, list[int]], top_k: int) -> Tensor:
+        """The direct dispatch's expert step: row ``c`` of the result is ``E_e(x[c // k])`` for
+        every copy ``c = t * k + j`` listed in ``copies[e]``.
+
+        ``x: [T, d_model]``; ``copies``: expert -> its copies' flat indices in ``[0, T k)``, in
+        token order (:func:`moe_lib.dispatch.direct_plan`); ``top_k``: k. Returns ``[T k,
+        d_model]``, plus a zero row ``T k`` (for the combine to read) when some copy is not
+        listed (dropped). Each listed expert runs once, on the rows of all its tokens
+        (:meth:`forward_rows`' arithmetic): its weights are read once, whatever its number of
+        tokens. No gather when an expert takes every token in order (batch 1), no scatter when
+        each expert has one copy (the outputs are concatenated in copy order).
+        """
+        self._check_rows(x)
+        check_positive_int("top_k", top_k)
+        T, n = x.shape[0], x.shape[0] * top_k
+        if not isinstance(copies, dict) or not all(
+                isinstance(e, int) and 0 <= e < self.num_experts and isinstance(cs, list)
+                and cs and 0 <= min(cs) and max(cs) < n for e, cs in copies.items()):
+            raise ValueError(f"copies must map experts in [0, {self.num_experts - 1}] to "
+                             f"non-empty lists of copy indices in [0, {n - 1}], got "
+                             f"{copies!r:.80}")
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        listed = sum(len(cs) for cs in copies.values())
+        single = listed == n and listed == len(copies)  # one copy per expert, none dropped
+        outs: list[tuple[int, Tensor]] = []
+        out = None  # [T k (+1), d_model]
+        for e, cs in copies.items():
+            tokens = [c // top_k for c in cs] if top_k > 1 else cs
+            if len(tokens) == T and tokens[-1] == T - 1:  # every token, in order: no gather
+                rows = x
+            else:
+                rows = x.index_select(0, torch.tensor(tokens, device=x.device))
+            ye = _expert_ffn(rows, *self._expert_weights(e, dtype), self.activation)
+            if listed == n == len(cs):  # k = 1 and one expert took every token
+                return ye
+            if single:
+                outs.append((cs[0], ye))
+                continue
+            if out is None:
+                out = (ye.new_empty(n, ye.shape[1]) if listed == n else
+                       ye.new_zeros(n + 1, ye.shape[1]))
+            out.index_copy_(0, torch.tensor(cs, device=x.device), ye)
+        if single:
+            return torch.cat([ye for _, ye in sorted(outs, key=lambda p: p[0])])
+        if out is None:  # nothing listed: every copy dropped
+            out = x.new_zeros(n + 1, self.d_model)
+        return out
 
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on every token: ``x: [n, d_model] -> [E, n, d_model]`` (dense gating)."""

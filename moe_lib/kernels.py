@@ -81,6 +81,34 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     torch.addmm(acc, a, b, out=acc)
 
 
+def _mm_or_accumulate(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """``acc = a @ b`` for an expert's first block (no zero fill, no read of ``acc``), then
+    ``acc += a @ b``."""
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        _accumulate_mm(acc, a, b)
+
+
+def block_activation(h: Tensor, kind: str | ExpertActivation) -> Tensor:
+    """An expert kind's activation of ``h: [rows, h_in]`` (``[gate | up]`` for the gated kinds),
+    computed as the CPU block kernel computes it (:class:`ExpertMLP`): the values of
+    :func:`moe_lib.activations.activation`, the gated kinds' gate half written into a buffer of
+    its own, as the kernel does (same kernels, same bits)."""
+    check_tensor("h", h, dims=2, kind="float")
+    spec = activation_spec(kind)
+    if spec.gated and h.shape[1] % 2:
+        raise ValueError(f"h must have an even number of columns [gate | up] for "
+                         f"kind={spec.kind!r}, got {h.shape[1]}")
+    sb = h.new_empty(h.shape[0], h.shape[1] // 2) if spec.gated else None
+    return activation(h, spec, sb)
+
+
+def _mm(a: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``a @ w (+ bias)`` into a fresh block-sized tensor: ``mm``, or one ``addmm``."""
+    return torch.mm(a, w) if bias is None else torch.addmm(bias, a, w)
+
+
 def _mm_into(out: Tensor, a: Tensor, w: Tensor, bias: Tensor | None) -> None:
     """``out = a @ w (+ bias)``: with a bias, one ``addmm`` (the bias is broadcast into the
     block, which the GEMM accumulates onto; no second pass over the result); without, ``mm``."""
@@ -103,8 +131,12 @@ class ExpertMLP(torch.autograd.Function):
     and the backward pass makes the same round trips through five more. On a CPU these passes,
     and the page faults of the fresh buffers, cost about as much as the GEMMs. Here each block of
     at most :func:`block_rows` rows goes through the whole FFN; its activation and, backward, its
-    gradients are block-sized temporaries. Saves ``h`` (and the gate's half for the gated kinds)
-    and recomputes the activation in the backward: less memory than autograd, which keeps both.
+    gradients are block-sized temporaries. Saves each block's ``h`` (and the gate's half for the
+    gated kinds) as a block-sized tensor of its own (full-size buffers past the allocator's mmap
+    threshold, 32 MiB with glibc, are returned to the system when freed and page-fault afresh
+    at every step) and recomputes the activation in the backward: less memory than autograd,
+    which keeps both. The weight gradients are written by each expert's first block and
+    accumulated by the next ones: no zero fill.
 
     Backward, per block: ``d w_out[e] += act^T g``; ``d b_out[e] += sum_rows g``;
     ``d h = act'(g w_out[e]^T)``; ``d x = d h w_in[e]^T``; ``d w_in[e] += x^T d h``;
@@ -115,35 +147,43 @@ class ExpertMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
                 b_out: Tensor | None, counts: list[int], spec: ExpertActivation,
                 rows: int) -> Tensor:
-        n, h_in = x.shape[0], w_in.shape[-1]
-        h = x.new_empty(n, h_in)  # saved
-        s = x.new_empty(n, w_out.shape[1]) if spec.gated else None  # the gate's half, saved
-        out = x.new_empty(n, w_out.shape[-1])
+        out = x.new_empty(x.shape[0], w_out.shape[-1])  # [n, d_model]
+        hs: list[Tensor] = []  # each block's h: [rows, h_in], saved
+        ss: list[Tensor] = []  # each block's gate half (gated kinds): [rows, d_hidden], saved
         for e, a, b in expert_blocks(counts, rows):
-            _mm_into(h[a:b], x[a:b], w_in[e], None if b_in is None else b_in[e])
-            act = activation(h[a:b], spec, None if s is None else s[a:b])
+            hb = _mm(x[a:b], w_in[e], None if b_in is None else b_in[e])
+            sb = x.new_empty(b - a, w_out.shape[1]) if spec.gated else None
+            act = activation(hb, spec, sb)
             _mm_into(out[a:b], act, w_out[e], None if b_out is None else b_out[e])
-        ctx.counts, ctx.spec, ctx.rows = counts, spec, rows
-        ctx.save_for_backward(x, w_in, w_out, h, s)
+            hs.append(hb)
+            if sb is not None:
+                ss.append(sb)
+        ctx.counts, ctx.spec, ctx.rows, ctx.num_blocks = counts, spec, rows, len(hs)
+        ctx.save_for_backward(x, w_in, w_out, *hs, *ss)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, w_in, w_out, h, s = ctx.saved_tensors
-        spec, counts = ctx.spec, ctx.counts
+        x, w_in, w_out, *blocks = ctx.saved_tensors
+        spec, counts, nb = ctx.spec, ctx.counts, ctx.num_blocks
+        hs, ss = blocks[:nb], blocks[nb:] if spec.gated else [None] * nb
         need_x, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:5]
         need_h = need_x or need_w_in or need_b_in
+        E = w_in.shape[0]
         grad_x = torch.empty_like(x) if need_x else None  # [n, d_model]
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None  # [E, d_model, h_in]
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None  # [E, d_hidden, d_model]
-        grad_b_in = w_in.new_zeros(w_in.shape[0], w_in.shape[2]) if need_b_in else None  # [E, h_in]
-        grad_b_out = w_out.new_zeros(w_out.shape[0], w_out.shape[2]) if need_b_out else None
-        for e, a, b in expert_blocks(counts, ctx.rows):
-            g, hb = grad[a:b], h[a:b]
-            sb = None if s is None else s[a:b]
+        # written by each expert's first block, accumulated by the next ones (zeroed if none)
+        grad_w_in = torch.empty_like(w_in) if need_w_in else None  # [E, d_model, h_in]
+        grad_w_out = torch.empty_like(w_out) if need_w_out else None  # [E, d_hidden, d_model]
+        grad_b_in = w_in.new_zeros(E, w_in.shape[2]) if need_b_in else None  # [E, h_in]
+        grad_b_out = w_out.new_zeros(E, w_out.shape[2]) if need_b_out else None  # [E, d_model]
+        started = [False] * E
+        for (e, a, b), hb, sb in zip(expert_blocks(counts, ctx.rows), hs, ss, strict=True):
+            g, first = grad[a:b], not started[e]
+            started[e] = True
             if need_w_out:
-                _accumulate_mm(grad_w_out[e], activation_from_saved(hb, sb, spec).t(), g)
+                _mm_or_accumulate(grad_w_out[e], activation_from_saved(hb, sb, spec).t(), g,
+                                  first)
             if need_b_out:
                 grad_b_out[e] += g.sum(0)  # [d_model]
             if not need_h:
@@ -152,9 +192,13 @@ class ExpertMLP(torch.autograd.Function):
             if need_x:
                 torch.mm(grad_h, w_in[e].t(), out=grad_x[a:b])
             if need_w_in:
-                _accumulate_mm(grad_w_in[e], x[a:b].t(), grad_h)
+                _mm_or_accumulate(grad_w_in[e], x[a:b].t(), grad_h, first)
             if need_b_in:
                 grad_b_in[e] += grad_h.sum(0)  # [h_in]
+        for e in (e for e in range(E) if not started[e]):  # experts without rows
+            for gw in (grad_w_in, grad_w_out):
+                if gw is not None:
+                    gw[e].zero_()
         return grad_x, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
 
 

@@ -37,15 +37,15 @@ def _x(T=32, d=8, dtype=torch.float32, seed=1):
 
 
 def test_registry_holds_the_builtin_implementations_in_table_order():
-    assert bench.IMPLS == ("dense bound", "dense gating", "mask loop", "index_add (HF)",
-                           "moe_lib loop", "moe_lib sorted", "sorted+grouped_mm",
-                           "sorted+compile")
+    assert bench.IMPLS == ("dense bound", "dense (nn.Linear)", "dense gating", "mask loop",
+                           "index_add (HF)", "module loop", "moe_lib loop", "moe_lib sorted",
+                           "sorted+grouped_mm", "sorted+compile")
     assert set(bench.QUICK_IMPLS) <= set(bench.IMPLS)
     assert bench.SLOW == ("dense gating", "mask loop", "index_add (HF)", "moe_lib loop",
                           "deepseek-style loop")
     assert [n for n, e in bench.REGISTRY.items() if not e.compare] == [
-        "dense bound", "dense gating", "deepseek dense bound", "deepseek-style sorted",
-        "deepseek-style loop"]
+        "dense bound", "dense (nn.Linear)", "dense gating", "deepseek dense bound",
+        "deepseek-style sorted", "deepseek-style loop"]
     assert set(bench.DEEPSEEK_IMPLS) <= set(bench.REGISTRY)
 
 
@@ -96,8 +96,8 @@ def test_topk_implementations_agree_in_output_and_input_gradient():
         y = impl.fn(xi)
         y.backward(g)
         ys[name], dxs[name] = y.detach(), xi.grad
-    assert set(ys) == {"mask loop", "index_add (HF)", "moe_lib loop", "moe_lib sorted",
-                       "sorted+grouped_mm"}
+    assert set(ys) == {"mask loop", "index_add (HF)", "module loop", "moe_lib loop",
+                       "moe_lib sorted", "sorted+grouped_mm"}
     for name in ys:
         torch.testing.assert_close(ys[name], ys["moe_lib sorted"], msg=name)
         torch.testing.assert_close(dxs[name], dxs["moe_lib sorted"], msg=name)
@@ -213,6 +213,21 @@ def test_baselines_refuse_a_layer_they_do_not_compute():
             IndexAddMoE(MoE(8, 6, 4, **kwargs))
     with pytest.raises(ValueError, match="x must have shape"):
         MaskLoopMoE(MoE(8, 6, 4, 2))(torch.randn(3, 5))
+
+
+def test_linear_swiglu_and_the_module_loop_compute_the_same_ffn():
+    from moe_lib import FeedForward
+    from moe_lib.bench.baselines import LinearSwiGLU, ModuleLoopMoE
+
+    ffn = FeedForward(8, 6, "swiglu")
+    lin = LinearSwiGLU.from_swiglu(ffn.w_in.detach(), ffn.w_out.detach())
+    x = _x()
+    torch.testing.assert_close(lin(x), ffn(x))
+    assert [tuple(p.shape) for p in lin.parameters()] == [(6, 8), (6, 8), (8, 6)]
+    with pytest.raises(ValueError, match="w_in"):
+        LinearSwiGLU.from_swiglu(ffn.w_in.detach()[:, :6], ffn.w_out.detach())
+    with pytest.raises(ValueError, match="SwiGLU experts"):
+        ModuleLoopMoE(MoE(8, 6, 4, 2, expert="gelu"))
 
 
 def test_grouped_mm_bank_checks_counts():

@@ -9,6 +9,9 @@ outputs can be checked against it:
   ``y[mask] += w * E(x[mask])``;
 - :class:`IndexAddMoE`, the form of Hugging Face's ``MixtralSparseMoeBlock``: one-hot expert
   mask, ``torch.where``, ``index_add_``;
+- :class:`ModuleLoopMoE`, the layout of older transformers releases and of most tutorials: a
+  ``ModuleList`` of separate expert modules, each three ``nn.Linear`` (:class:`LinearSwiGLU`,
+  Mixtral's ``w2(silu(w1 x) * w3 x)``), run in a plain loop with ``index_add_``;
 - :class:`GroupedMMBank`, an expert bank whose slices always run through ``torch._grouped_mm``
   (on a CPU too, where the library does not choose it).
 
@@ -42,6 +45,35 @@ def expert_list(bank: ExpertBank) -> nn.ModuleList:
             ffn.b_out.data.copy_(bank.b_out.data[e])
         experts.append(ffn)
     return experts
+
+
+class LinearSwiGLU(nn.Module):
+    """A SwiGLU FFN as three ``nn.Linear`` without biases (Mixtral's ``MixtralBlockSparseTop2MLP``
+    in older transformers releases): ``w2(silu(w1(x)) * w3(x))``, ``x: [n, d] -> [n, d]``,
+    weights in ``nn.Linear``'s ``[out, in]`` layout. ``from_swiglu(w_in, w_out)`` takes a
+    FeedForward's or an expert's weights (``w_in = [gate | up]: [d, 2h]``, ``w_out: [h, d]``)."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)  # up
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)  # down
+
+    @classmethod
+    def from_swiglu(cls, w_in: Tensor, w_out: Tensor) -> LinearSwiGLU:
+        """The same FFN as ``silu(x @ w_in[:, :h]) * (x @ w_in[:, h:]) @ w_out``."""
+        check_tensor("w_out", w_out, dims=2, kind="float")
+        h, d = w_out.shape
+        check_tensor("w_in", w_in, dims=2, kind="float", shape=(d, 2 * h))
+        ffn = cls(d, h)
+        with torch.no_grad():
+            ffn.w1.weight.copy_(w_in[:, :h].t())
+            ffn.w3.weight.copy_(w_in[:, h:].t())
+            ffn.w2.weight.copy_(w_out.t())
+        return ffn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def _check_topk_layer(moe: object) -> MoE:
@@ -113,6 +145,34 @@ class IndexAddMoE(_Baseline):
                 continue
             out = self.experts[e](x[token]) * routing_weights[token, slot, None]
             final.index_add_(0, token, out.to(x.dtype))
+        return final
+
+
+class ModuleLoopMoE(_Baseline):
+    """Separate per-expert modules (three ``nn.Linear`` each) in a plain loop with ``index_add_``:
+    the layout of older transformers releases (``MixtralSparseMoeBlock`` with
+    ``MixtralBlockSparseTop2MLP`` experts) and of most tutorials."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__(moe)
+        if moe.config.expert != "swiglu" or moe.config.expert_bias:
+            raise ValueError(f"moe must have SwiGLU experts without biases, got "
+                             f"expert={moe.config.expert!r}, expert_bias={moe.config.expert_bias}")
+        bank = moe.experts
+        self.experts = nn.ModuleList(LinearSwiGLU.from_swiglu(bank.w_in.data[e], bank.w_out.data[e])
+                                     for e in range(bank.num_experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        probs = self.gate(x).softmax(dim=-1)  # [T, E]
+        weights, selected = probs.topk(self.k, dim=-1)  # [T, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        final = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(selected == e)  # [n_e] each
+            if token.numel() == 0:
+                continue
+            final.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         return final
 
 

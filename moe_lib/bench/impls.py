@@ -4,8 +4,12 @@ An MoE layer with E SwiGLU experts of hidden h and top-k routing does the GEMM F
 SwiGLU FFN of hidden k*h. The registered implementations, in the order of :data:`IMPLS`:
 
 - ``dense bound``: ``FeedForward(d, k*h, "swiglu")``, the same FLOPs without routing;
+- ``dense (nn.Linear)``: the same FFN as three ``nn.Linear`` (the layout of Mixtral's experts in
+  transformers), a second dense reference;
 - ``dense gating``: ``MoE(router="dense")``, every expert on every token (E/k times the FLOPs);
-- ``mask loop`` and ``index_add (HF)``: the baselines of :mod:`moe_lib.bench.baselines`;
+- ``mask loop``, ``index_add (HF)`` and ``module loop``: the baselines of
+  :mod:`moe_lib.bench.baselines` (the tutorial mask loop; Hugging Face's one-hot index_add loop;
+  separate per-expert ``nn.Linear`` modules in a plain index_add loop);
 - ``moe_lib loop`` and ``moe_lib sorted``: ``MoE(dispatch="loop" | "sorted")``;
 - ``sorted+grouped_mm``: the sorted path with ``torch._grouped_mm`` for the expert GEMMs;
 - ``sorted+compile``: ``torch.compile`` of the sorted path (built only when asked for:
@@ -31,7 +35,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moe_lib.bench.baselines import GroupedMMBank, IndexAddMoE, MaskLoopMoE
+from moe_lib.bench.baselines import (
+    GroupedMMBank,
+    IndexAddMoE,
+    LinearSwiGLU,
+    MaskLoopMoE,
+    ModuleLoopMoE,
+)
 from moe_lib.bench.timing import Impl, StepFn
 from moe_lib.checks import (
     check_bool,
@@ -151,6 +161,12 @@ def _dense_bound(ctx: Context) -> Built:
     return Built(mod, mod)
 
 
+@register("dense (nn.Linear)", compare=False)
+def _dense_linear(ctx: Context) -> Built:
+    mod = LinearSwiGLU(ctx.d, ctx.k * ctx.h)
+    return Built(mod, mod, "three nn.Linear")
+
+
 @register("dense gating", slow=True, compare=False)
 def _dense_gating(ctx: Context) -> Built:
     torch.manual_seed(ctx.seed)
@@ -168,6 +184,12 @@ def _mask_loop(ctx: Context) -> Built:
 def _index_add(ctx: Context) -> Built:
     mod = IndexAddMoE(ctx.reference)
     return Built(mod, mod)
+
+
+@register("module loop")
+def _module_loop(ctx: Context) -> Built:
+    mod = ModuleLoopMoE(ctx.reference)
+    return Built(mod, mod, "nn.Linear experts, index_add_")
 
 
 @register("moe_lib loop", slow=True)
