@@ -60,10 +60,14 @@ book: venv
 # jupyter-book 1.x has no command-line switch for execution and --config replaces (does not
 # merge with) _config.yml, so write a copy of _config.yml with execution off and build with it.
 # Notebooks render with no outputs (they are stored stripped); use it to check prose and layout.
+# The copy lives in _build/, so the local Sphinx extensions' folders (book/_ext: the offline
+# MathJax) are made absolute: jupyter-book resolves them from the config file's folder.
 book-fast: venv
 	@mkdir -p _build
-	$(PY) -c 'import yaml; c = yaml.safe_load(open("_config.yml")); \
+	$(PY) -c 'import os, yaml; c = yaml.safe_load(open("_config.yml")); \
 	  c.setdefault("execute", {})["execute_notebooks"] = "off"; \
+	  ext = c.get("sphinx", {}).get("local_extensions") or {}; \
+	  ext.update({k: os.path.abspath(v) for k, v in ext.items()}); \
 	  yaml.safe_dump(c, open("_build/_config.noexec.yml", "w"), sort_keys=False)'
 	MOE_BOOK_STATIC=1 $(JB) build . --keep-going --config _build/_config.noexec.yml
 	@echo

@@ -2,8 +2,12 @@
 
 Run by ``make browser`` after ``make book``; not part of ``make unit`` (it needs the built
 HTML under ``_build/html`` and ``/usr/bin/chromium``). For every chapter in ``_toc.yml`` it
-checks that the page renders with no traceback, that every figure loads, that each static slider
-shows another frame when moved, and that the Colab launch link opens that chapter's notebook.
+checks that the page renders with no traceback, that its title is numbered once, that every
+formula is typeset by the MathJax served from the book itself (no raw TeX delimiters left,
+MathJax loaded from this server, not a CDN), that every code block fits its column on a
+1280-pixel screen, that every figure loads, that each static slider shows another frame when
+moved, and that the Colab launch link opens that chapter's notebook. The prose pages get the
+same formula check.
 Screenshots go to ``_build/screenshots/``.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +97,35 @@ def page(browser):  # noqa: ANN001 - playwright types are optional
     context.close()
 
 
+# Raw TeX delimiters that survive only if MathJax did not typeset the page.
+RAW_MATH = ("\\(", "\\)", "\\[", "\\]", "$$")
+PROSE_PAGES = ("book/intro", "book/glossary")
+
+
+def check_math(page, server: str, where: str) -> int:  # noqa: ANN001
+    """Wait for MathJax, then check it came from this server and left no raw TeX; returns the
+    number of typeset formulas."""
+    sources = page.evaluate(
+        "() => [...document.scripts].map(s => s.src).filter(s => /mathjax/i.test(s))")
+    assert sources, f"{where}: no MathJax script"
+    assert all(src.startswith(server) for src in sources), f"{where}: MathJax from {sources}"
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                           timeout=30_000)
+    typeset = page.evaluate("() => MathJax.startup.promise.then("
+                            "() => document.querySelectorAll('mjx-container').length)")
+    text = page.inner_text("article")
+    left = [d for d in RAW_MATH if d in text]
+    assert not left, f"{where}: raw TeX delimiters left after MathJax: {left}"
+    return typeset
+
+
+@pytest.mark.parametrize("doc", PROSE_PAGES)
+def test_prose_page_math(doc: str, server: str, page) -> None:  # noqa: ANN001
+    page.goto(f"{server}/{doc}.html", wait_until="load")
+    assert check_math(page, server, doc) >= 1, f"{doc}: no formula typeset"
+    assert page.js_errors == [], f"{doc}: JavaScript errors {page.js_errors}"
+
+
 def test_toc_lists_chapters() -> None:
     on_disk = sorted(f"notebooks/{p.stem}" for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert CHAPTERS and sorted(CHAPTERS) == on_disk, (CHAPTERS, on_disk)
@@ -108,6 +142,20 @@ def test_chapter_page(chapter: str, server: str, page) -> None:  # noqa: ANN001
     assert page.locator("article h1").count() >= 1, f"{chapter}: no title"
     assert "Traceback (most recent call last)" not in body, f"{chapter}: a cell raised"
     assert page.locator(".output.error, .output.traceback").count() == 0, f"{chapter}: error output"
+
+    # 1b. the title is numbered once ("5. Load balancing", never "5. 5. Load balancing")
+    title = page.inner_text("article h1").strip()
+    assert not re.match(r"^\d+(\.\d+)*\.?\s+\d+\.\s", title), f"{chapter}: title {title!r}"
+
+    # 1c. formulas typeset by the book's own MathJax, no raw TeX left
+    assert check_math(page, server, chapter) >= 1, f"{chapter}: no formula typeset"
+
+    # 1d. code blocks fit their column at 1280 px (long lines wrap, they do not scroll)
+    wide = page.evaluate(
+        "() => [...document.querySelectorAll('article div.highlight pre')]"
+        ".filter(p => p.scrollWidth > p.clientWidth + 1).map(p => p.innerText.slice(0, 60))"
+    )
+    assert wide == [], f"{chapter}: code blocks wider than the page: {wide}"
 
     # 2. every figure loaded (executed outputs hold PNGs; a broken one has naturalWidth 0)
     images = page.locator("article img")
