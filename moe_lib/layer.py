@@ -243,7 +243,9 @@ class MoE(nn.Module):
             rows = keep.nonzero().squeeze(1)  # the real tokens
             tokens = tokens.index_select(0, rows)
             groups = None if groups is None else groups.index_select(0, rows)
-        routing = with_groups(self.router(tokens), groups, num_groups)
+        routing = self.router(tokens)
+        if groups is not None:  # a router's record has one group already
+            routing = with_groups(routing, groups, num_groups)
         routing = apply_capacity(routing, c.capacity_factor if c.router != "expert_choice"
                                  else None, capacity=c.capacity,
                                  per_group=c.capacity_per == "sequence")
