@@ -26,6 +26,7 @@ from moe_lib import (
     capacity,
     data,
     dispatch,
+    inference,
     interop,
     kernels,
     losses,
@@ -310,6 +311,57 @@ CASES = [
                                                                   BANK), ValueError, "experts"),
     ("dispatch.dispatch_dense", lambda: dispatch.dispatch_dense(X, R, FeedForward(5, 4)),
      TypeError, "experts"),
+    ("dispatch.dispatch_direct", lambda: dispatch.dispatch_direct(X, R, FeedForward(5, 4)),
+     TypeError, "experts"),
+    ("dispatch.dispatch_direct", lambda: dispatch.dispatch_direct(X[:2], R, BANK), ValueError,
+     "x"),
+    ("dispatch.direct_plan", lambda: dispatch.direct_plan(R.expert_ids), TypeError, "routing"),
+    ("kernels.block_activation", lambda: kernels.block_activation(torch.randn(3, 5), "swiglu"),
+     ValueError, "even"),
+    ("kernels.block_activation", lambda: kernels.block_activation(X, "tanh"), ValueError,
+     "kind"),
+    ("experts.ExpertBank", lambda: BANK.forward_rows(-1, X), ValueError, "e"),
+    ("experts.ExpertBank", lambda: BANK.forward_rows(0, torch.randn(4, 6)), ValueError, "x"),
+    ("experts.ExpertBank", lambda: BANK.forward_copies(X, {0: [8]}, 2), ValueError, "copies"),
+    ("experts.ExpertBank", lambda: BANK.forward_copies(X, {0: [1]}, 0), ValueError, "top_k"),
+    # ---------------------------------------------------------------- inference
+    ("inference.expected_touched", lambda: inference.expected_touched(8, 9, 4), ValueError,
+     "top_k"),
+    ("inference.expected_touched", lambda: inference.expected_touched(8, 2, -1), ValueError,
+     "batch"),
+    ("inference.expected_touched_from_shares",
+     lambda: inference.expected_touched_from_shares(torch.tensor([0.5, 1.5]), 2), ValueError,
+     "shares"),
+    ("inference.expected_touched_from_shares",
+     lambda: inference.expected_touched_from_shares([0.5, 0.5], 2), TypeError, "shares"),
+    ("inference.choice_shares", lambda: inference.choice_shares(R.expert_ids, 2), ValueError,
+     "expert_ids"),
+    ("inference.choice_shares", lambda: inference.choice_shares(R.expert_ids.float(), 3),
+     TypeError, "expert_ids"),
+    ("inference.touched_per_batch", lambda: inference.touched_per_batch(R.expert_ids, 3, 5),
+     ValueError, "batch"),
+    ("inference.touched_per_batch",
+     lambda: inference.touched_per_batch(R.expert_ids, 3, 2, mode="sequential"), ValueError,
+     "mode"),
+    ("inference.touched_per_batch",
+     lambda: inference.touched_per_batch(R.expert_ids, 3, 2, generator=0), TypeError,
+     "generator"),
+    ("inference.simulate_expert_cache",
+     lambda: inference.simulate_expert_cache(R.expert_ids, 3, 1), ValueError, "capacity"),
+    ("inference.simulate_expert_cache",
+     lambda: inference.simulate_expert_cache(R.expert_ids, 3, 2, "fifo"), ValueError,
+     "policy"),
+    ("inference.simulate_expert_cache",
+     lambda: inference.simulate_expert_cache(R.expert_ids, 0, 2), ValueError, "num_experts"),
+    ("inference.quantize_int8", lambda: inference.quantize_int8(X.long()), TypeError, "w"),
+    ("inference.quantize_int8", lambda: inference.quantize_int8(X, dim=2), ValueError, "dim"),
+    ("inference.dequantize_int8", lambda: inference.dequantize_int8(X, X), TypeError, "q"),
+    ("inference.dequantize_int8",
+     lambda: inference.dequantize_int8(X.to(torch.int8), X.long()), TypeError, "scale"),
+    ("inference.Int8ExpertBank", lambda: inference.Int8ExpertBank(FeedForward(5, 4)),
+     TypeError, "bank"),
+    ("inference.Int8ExpertBank", lambda: inference.Int8ExpertBank(BANK).forward_rows(3, X),
+     ValueError, "e"),
     # ---------------------------------------------------------------- losses
     ("losses.cv_squared", lambda: losses.cv_squared(torch.ones(2, 2)), ValueError, "v"),
     ("losses.cv_squared", lambda: losses.cv_squared([1.0, 2.0]), TypeError, "v"),
@@ -464,6 +516,154 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------- parallel (no process group)
+from moe_lib import parallel  # noqa: E402
+
+CASES += [
+    ("parallel.all_to_all", lambda: parallel.all_to_all([1.0], [1], [1]), TypeError, "x"),
+    ("parallel.all_to_all", lambda: parallel.all_to_all(X, [4], [4]), ValueError,
+     "init_process_group"),
+    ("parallel.sum_over_ranks", lambda: parallel.sum_over_ranks(3.0), TypeError, "t"),
+    ("parallel.slot_counts", lambda: parallel.slot_counts(None), TypeError, "routing"),
+    ("parallel.kept_across_ranks",
+     lambda: parallel.kept_across_ranks(R, torch.zeros(2, 3, 3).long(), 0, 1), ValueError,
+     "all_slot_counts"),
+    ("parallel.kept_across_ranks",
+     lambda: parallel.kept_across_ranks(R, torch.zeros(2, 2, 3).long(), 2, 1), ValueError,
+     "rank"),
+    ("parallel.kept_across_ranks",
+     lambda: parallel.kept_across_ranks(R, torch.zeros(2, 2, 3).long(), 0, -1), ValueError,
+     "capacity"),
+    ("parallel.traffic_model", lambda: parallel.traffic_model(-1, 2, 8, 4, 2), ValueError,
+     "tokens"),
+    ("parallel.traffic_model", lambda: parallel.traffic_model(10, 2, 8, 4, 0), ValueError,
+     "world_size"),
+    ("parallel.ExpertParallelMoE", lambda: parallel.ExpertParallelMoE(BANK), TypeError,
+     "layer"),
+    ("parallel.expert_parallel", lambda: parallel.expert_parallel(MoE(5, 4, 4)), ValueError,
+     "init_process_group"),
+    ("parallel.spawn", lambda: parallel.spawn(None, 2), TypeError, "fn"),
+    ("parallel.spawn", lambda: parallel.spawn(print, 0), ValueError, "world_size"),
+    ("parallel.spawn", lambda: parallel.spawn(print, 2, backend="mpi"), ValueError,
+     "backend"),
+    ("parallel.spawn", lambda: parallel.spawn(print, 2, start_method="thread"), ValueError,
+     "start_method"),
+    ("parallel.spawn", lambda: parallel.spawn(print, 2, timeout=-1.0), ValueError, "timeout"),
+]
+
+
+# ---------------------------------------------------------------- anatomy, upcycle (chapter 12)
+from moe_lib import anatomy, upcycle  # noqa: E402
+from moe_lib.models import TransformerConfig as _TC  # noqa: E402
+
+_CARD = anatomy.load("olmoe-1b-7b")
+
+
+def _dense():
+    return Transformer(_TC(d_model=8, n_layers=1, n_heads=2, d_hidden=8, ffn="dense", seq_len=4))
+
+
+CASES += [
+    ("anatomy.load", lambda: anatomy.load("gpt-5"), ValueError, "name"),
+    ("anatomy.load", lambda: anatomy.load(5), TypeError, "name"),
+    ("anatomy.Published", lambda: anatomy.Published("12.9 B", "x"), ValueError, "value"),
+    ("anatomy.Published", lambda: anatomy.Published("12.9B", 3), TypeError, "where"),
+    ("anatomy.Published", lambda: anatomy.Published("12.9B", "x").rounds_to(-1.0), ValueError,
+     "count"),
+    ("anatomy.ModelCard", lambda: anatomy.ModelCard("a", "A", "llama", "x/y", {}, "s"),
+     ValueError, "family"),
+    ("anatomy.ModelCard", lambda: anatomy.ModelCard("a", "A", "olmoe", "x/y", {}, "s"),
+     ValueError, "config"),
+    ("anatomy.ParameterCount", lambda: anatomy.count_parameters(_CARD).share("mlp"), ValueError,
+     "component"),
+    ("anatomy.count_parameters", lambda: anatomy.count_parameters({}), TypeError, "card"),
+    ("anatomy.moe_layers", lambda: anatomy.moe_layers(None), TypeError, "card"),
+    ("anatomy.routing", lambda: anatomy.routing("olmoe"), TypeError, "card"),
+    ("anatomy.attention_flops", lambda: anatomy.attention_flops(_CARD, 0), ValueError, "context"),
+    ("anatomy.flops_per_token", lambda: anatomy.flops_per_token(_CARD, 1.5), TypeError,
+     "context"),
+    ("anatomy.weight_bytes", lambda: anatomy.weight_bytes(_CARD, 0), ValueError, "bits"),
+    ("anatomy.weight_bytes", lambda: anatomy.weight_bytes(_CARD, 16, "4"), TypeError,
+     "expert_bits"),
+    ("anatomy.transformers_count", lambda: anatomy.transformers_count("olmoe"), TypeError,
+     "card"),
+    ("upcycle.upcycle", lambda: upcycle.upcycle(torch.nn.Linear(2, 2), 4), TypeError, "ffn"),
+    ("upcycle.upcycle", lambda: upcycle.upcycle(FeedForward(5, 4), 0), ValueError,
+     "num_experts"),
+    ("upcycle.upcycle", lambda: upcycle.upcycle(FeedForward(5, 4), 2, d_model=5), ValueError,
+     "d_model"),
+    ("upcycle.upcycle_model", lambda: upcycle.upcycle_model(None, 2), TypeError, "model"),
+    ("upcycle.upcycle_model", lambda: upcycle.upcycle_model(_dense(), 2, layers=[1]), ValueError,
+     "layers"),
+    ("upcycle.upcycled_equals_dense",
+     lambda: upcycle.upcycled_equals_dense(_dense(), _dense(), torch.ones(2)), ValueError, "idx"),
+    ("upcycle.upcycled_equals_dense",
+     lambda: upcycle.upcycled_equals_dense(_dense(), "x", torch.ones(1, 2).long()), TypeError,
+     "upcycled"),
+]
+
+
+# ---------------------------------------------------------------- bench: chapters 9 and 10
+from moe_lib.bench import fine_grained, loss_free  # noqa: E402
+
+CASES += [
+    ("bench.fine_grained.Variant", lambda: fine_grained.Variant(0), ValueError, "m"),
+    ("bench.fine_grained.Variant", lambda: fine_grained.Variant(1, shared="yes"), TypeError,
+     "shared"),
+    ("bench.fine_grained.variant_config",
+     lambda: fine_grained.variant_config(fine_grained.QUICK, "m=1"), TypeError, "variant"),
+    ("bench.fine_grained.variant_config",
+     lambda: fine_grained.variant_config(fine_grained.QUICK, fine_grained.Variant(3)),
+     ValueError, "must divide"),
+    ("bench.fine_grained.probe", lambda: fine_grained.probe(MoE(8, 4, 4), torch.zeros(2, 4)),
+     TypeError, "model"),
+    ("bench.fine_grained.run", lambda: fine_grained.run(fine_grained.QUICK, []), ValueError,
+     "seeds"),
+    ("bench.fine_grained.paired_differences",
+     lambda: fine_grained.paired_differences([], "m=4"), ValueError, "results"),
+    ("bench.fine_grained.summary", lambda: fine_grained.summary(None), TypeError, "results"),
+    ("bench.fine_grained.format_runs", lambda: fine_grained.format_runs([{}]), ValueError,
+     "results[0]"),
+    ("bench.loss_free.Method", lambda: loss_free.Method("x", gamma=-1.0), ValueError, "gamma"),
+    ("bench.loss_free.Method", lambda: loss_free.Method("x", balance_loss="switch"), ValueError,
+     "alpha"),
+    ("bench.loss_free.model_config", lambda: loss_free.model_config(loss_free.QUICK, "none"),
+     TypeError, "method"),
+    ("bench.loss_free.package_corpora", lambda: loss_free.package_corpora("json"), TypeError,
+     "packages"),
+    ("bench.loss_free.domain_batch",
+     lambda: loss_free.domain_batch([], "train", 2, 8, torch.Generator()), TypeError, "corpora"),
+    ("bench.loss_free.step_batches",
+     lambda: loss_free.step_batches({}, loss_free.QUICK, 0, 1), ValueError, "corpora"),
+    ("bench.loss_free.package_probe", lambda: loss_free.package_probe(MoE(8, 4, 4), {}, 8),
+     TypeError, "model"),
+    ("bench.loss_free.run", lambda: loss_free.run(loss_free.QUICK, [0, 0]), ValueError,
+     "seeds"),
+    ("bench.loss_free.mean_max_violation", lambda: loss_free.mean_max_violation({}),
+     ValueError, "max_violation"),
+    ("bench.loss_free.summary", lambda: loss_free.summary([]), ValueError, "results"),
+    ("bench.loss_free.format_runs", lambda: loss_free.format_runs([{"method": "x"}]),
+     ValueError, "results[0]"),
+]
+
+
+# ---------------------------------------------------------------- bench.cli
+from moe_lib.bench import cli as bench_cli  # noqa: E402
+
+CASES += [
+    ("bench.cli.check_seeds", lambda: bench_cli.check_seeds([]), ValueError, "seeds"),
+    ("bench.cli.check_seeds", lambda: bench_cli.check_seeds("0 1"), TypeError, "seeds"),
+    ("bench.cli.parse_overrides", lambda: bench_cli.parse_overrides(["x=1"], bench_cli.Clock),
+     TypeError, "settings_type"),
+    ("bench.cli.experiment_parser",
+     lambda: bench_cli.experiment_parser("m", None, seeds=[0], threads=0), ValueError,
+     "threads"),
+    ("bench.cli.write_results",
+     lambda: bench_cli.write_results(3, "m", [], "cpu", None, bench_cli.Clock(), [], {}),
+     TypeError, "path"),
+]
+
+
 @pytest.mark.parametrize("what, call, exc, word", CASES, ids=[f"{c[0]}-{i}" for i, c in
                                                                enumerate(CASES)])
 def test_bad_input_is_refused_with_the_argument_named(what, call, exc, word):
@@ -544,7 +744,7 @@ def test_setup_refuses_bad_seed_and_threads(monkeypatch):
 
 
 MODULES = ("runtime", "activations", "routing", "routers", "config", "shared", "capacity",
-           "permute", "kernels", "experts",
+           "permute", "kernels", "experts", "inference",
            "dispatch", "losses", "stats", "layer", "models", "data", "train", "interop")
 # Records built by the library itself (their constructors take what a validated function made),
 # autograd Functions (called through the checked functions of moe_lib.kernels), and functions
@@ -558,8 +758,32 @@ NO_ARGUMENTS_TO_CHECK = {
     "runtime.default_device": "takes no argument", "data.stdlib_root": "takes no argument",
     "data.language_reference": "takes no argument",
     "train.TrainResult": "a record built by train",
+    "inference.CacheResult": "a record built by simulate_expert_cache",
     "interop.Family": "a record of the family registry, built in the module",
 }
+
+
+MODULES += ("parallel",)
+NO_ARGUMENTS_TO_CHECK["parallel.Traffic"] = "a record built by ExpertParallelMoE.forward"
+NO_ARGUMENTS_TO_CHECK["parallel.free_port"] = "takes no argument"
+
+
+# chapter 12: anatomy, upcycle (their cases are above the test that runs CASES)
+MODULES += ("anatomy", "upcycle")
+NO_ARGUMENTS_TO_CHECK["anatomy.names"] = "takes no argument"
+NO_ARGUMENTS_TO_CHECK["anatomy.load_all"] = "takes no argument"
+
+
+# chapters 9 and 10: the experiment modules behind their stored runs, and their command line
+MODULES += ("bench.fine_grained", "bench.loss_free", "bench.cli")
+NO_ARGUMENTS_TO_CHECK["bench.cli.Clock"] = "takes no argument"
+NO_ARGUMENTS_TO_CHECK["bench.cli.settings_from_args"] = (
+    "a command line's parse: bad options end in parser.error naming the option "
+    "(tests/test_bench_cli.py)")
+NO_ARGUMENTS_TO_CHECK["bench.fine_grained.main"] = (
+    "a command line: bad options are usage errors (tests/test_bench_fine_grained.py)")
+NO_ARGUMENTS_TO_CHECK["bench.loss_free.main"] = (
+    "a command line: bad options are usage errors (tests/test_bench_loss_free.py)")
 
 
 def _public_names(module_name: str) -> list[str]:

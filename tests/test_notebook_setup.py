@@ -95,6 +95,13 @@ def test_notebooks_are_stripped(notebooks):
     assert not dirty, "run `make strip`:\n" + "\n".join(dirty)
 
 
+def test_cells_hold_no_control_characters(notebooks):
+    # A "\\b" written into JSON unescaped becomes a backspace: "\\binom" renders as "inom".
+    bad = [(name, i) for name, nb in notebooks.items() for i, cell in enumerate(nb["cells"])
+           if any(ch in _source(cell) for ch in "\x07\x08\x0b\x0c")]
+    assert not bad, f"control characters (a lost backslash?) in cells: {bad}"
+
+
 def test_setup_cell_is_shared_and_installs_from_the_repository(notebooks, repository_url):
     first_cells = {}
     for name, nb in notebooks.items():

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "moe_lib"
 BOOK_EXTRA = ("matplotlib", "seaborn", "pandas", "ipywidgets", "tqdm", "IPython")
 CORE = ("checks", "runtime", "activations", "routing", "capacity", "permute", "kernels",
-        "experts", "dispatch", "losses", "stats", "layer", "models", "data")
+        "experts", "dispatch", "losses", "stats", "layer", "models", "data", "inference",
+        "parallel", "anatomy", "upcycle")
 NEEDS_BOOK = ("plot", "widgets", "notebook", "train")
 
 BLOCKER = textwrap.dedent(f"""
@@ -63,8 +64,8 @@ def test_book_modules_name_the_extra_when_it_is_missing(module):
 # The layers of DESIGN.md's "Shape of moe_lib 0.2", bottom (0) to top.
 LAYER = dict(checks=0, runtime=1, activations=1, routing=1, kernels=2, capacity=2, losses=2,
              stats=2, routers=2, permute=3, experts=3, dispatch=4, shared=4, config=5, layer=6,
-             models=7, data=7, interop=7, parallel=7, train=8, bench=9, plot=9, widgets=9,
-             notebook=9)
+             models=7, data=7, inference=7, interop=7, parallel=7, train=8, bench=9, plot=9,
+             widgets=9, notebook=9, anatomy=7, upcycle=8)
 
 
 # The one upward import allowed: MoE.from_hf / MoE.to_hf open moe_lib.interop inside the method
