@@ -105,3 +105,16 @@ def test_write_results_records_the_machine_time_and_command(tmp_path):
         cli.write_results(out, "toy", [], "cpu", QUICK, 0.0, [], {})
     with pytest.raises(TypeError, match="runs"):
         cli.write_results(out, "toy", [], "cpu", QUICK, clock, {}, {})
+
+
+def test_check_results_names_the_run_and_the_missing_keys():
+    assert cli.check_results([{"a": 1, "b": 2}], ("a", "b")) == [{"a": 1, "b": 2}]
+    assert cli.check_results([], ("a",)) == []
+    with pytest.raises(ValueError, match="at least one"):
+        cli.check_results([], ("a",), nonempty=True)
+    with pytest.raises(ValueError, match=r"results\[1\] must be a result of run\(\), misses"):
+        cli.check_results([{"a": 1, "b": 2}, {"a": 1}], ("a", "b"))
+    with pytest.raises(TypeError, match=r"results\[0\]"):
+        cli.check_results([3], ("a",))
+    with pytest.raises(TypeError, match="results"):
+        cli.check_results({}, ("a",))

@@ -7,8 +7,8 @@ what their command lines have in common:
 
 - :func:`experiment_parser`: ``--quick``, ``--seeds``, ``--steps``, ``--device``, ``--threads``,
   ``--out``, ``--no-progress``, ``--set FIELD=VALUE ...``;
-- :func:`check_seeds` and :func:`parse_overrides` (``--set``), which refuse bad values with the
-  argument's name;
+- :func:`check_seeds`, :func:`parse_overrides` (``--set``) and :func:`check_results` (what
+  ``run()`` returned), which refuse bad values with the argument's name;
 - :func:`write_results`: the machine, the settings, the wall and CPU time and the command line in
   ``meta``, then the runs and the summary.
 """
@@ -115,6 +115,20 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return s, seeds, device
+
+
+def check_results(results: object, keys: tuple[str, ...], nonempty: bool = False) -> list[dict]:
+    """``results`` as what an experiment's ``run()`` returns: a list of dicts, each holding
+    ``keys`` (and at least one when ``nonempty``)."""
+    check_type("results", results, list)
+    if nonempty and not results:
+        raise ValueError("results must hold at least one run of run(), got none")
+    for i, r in enumerate(results):
+        check_type(f"results[{i}]", r, dict)
+        missing = [key for key in keys if key not in r]
+        if missing:
+            raise ValueError(f"results[{i}] must be a result of run(), misses {missing}")
+    return results
 
 
 class Clock:

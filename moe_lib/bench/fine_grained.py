@@ -204,15 +204,7 @@ _RUN_KEYS = ("variant", "seed", "val_loss", "active_params", "total_params", "se
 
 
 def _check_results(results: object) -> list[dict]:
-    check_type("results", results, list)
-    if not results:
-        raise ValueError("results must hold at least one run of run(), got none")
-    for i, r in enumerate(results):
-        check_type(f"results[{i}]", r, dict)
-        missing = [key for key in _RUN_KEYS if key not in r]
-        if missing:
-            raise ValueError(f"results[{i}] must be a result of run(), misses {missing}")
-    return results
+    return cli.check_results(results, _RUN_KEYS, nonempty=True)
 
 
 def paired_differences(results: list[dict], variant: str, baseline: str = BASELINE) -> list[float]:

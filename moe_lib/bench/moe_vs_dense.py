@@ -109,13 +109,8 @@ def model_configs(settings: Settings) -> dict[str, TransformerConfig]:
 _RUN_KEYS = ("model", "seed", "val_loss", "active_params", "total_params", "seconds")
 
 
-def _check_results(results: object) -> None:
-    check_type("results", results, list)
-    for i, r in enumerate(results):
-        check_type(f"results[{i}]", r, dict)
-        missing = [key for key in _RUN_KEYS if key not in r]
-        if missing:
-            raise ValueError(f"results[{i}] must be a result of run(), misses {missing}")
+def _check_results(results: object) -> list[dict]:
+    return cli.check_results(results, _RUN_KEYS)
 
 
 def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu",

@@ -202,13 +202,8 @@ def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu"
 _RUN_KEYS = ("arm", "seed", "val_loss", "start_val_loss", "curve")
 
 
-def _check_results(results: object) -> None:
-    check_type("results", results, list)
-    for i, r in enumerate(results):
-        check_type(f"results[{i}]", r, dict)
-        missing = [key for key in _RUN_KEYS if key not in r]
-        if missing:
-            raise ValueError(f"results[{i}] must be a result of run(), misses {missing}")
+def _check_results(results: object) -> list[dict]:
+    return cli.check_results(results, _RUN_KEYS)
 
 
 def final_losses(results: list[dict]) -> dict[str, list[float]]:
