@@ -138,7 +138,11 @@ def measure_rank(rank: int, world_size: int, settings: ParallelSettings, skew: f
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + 1)
     x = torch.randn(s.tokens, s.d_model, generator=gen).to(device, dtype)
     g = torch.randn(s.tokens, s.d_model, generator=gen).to(device, dtype)
-    rec: dict = {"rank": rank, "wall": [], "cpu": [], "wire_fwd": [], "wire_bwd": []}
+    # "cpu": the process's CPU time (gloo's own threads included: when ranks share cores, a
+    # waiting rank's communication threads also burn CPU); "thread_cpu": the calling thread's
+    # alone, where this rank's forward and backward compute runs: its work.
+    rec: dict = {"rank": rank, "wall": [], "cpu": [], "thread_cpu": [], "wire_fwd": [],
+                 "wire_bwd": []}
     for step in range(s.warmup + s.steps):
         for p in ep.parameters():
             p.grad = None
@@ -146,16 +150,19 @@ def measure_rank(rank: int, world_size: int, settings: ParallelSettings, skew: f
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         w0, c0, io0 = time.perf_counter(), time.process_time(), socket_bytes_written()
+        t0 = time.thread_time()
         out = ep(x)
         io1 = socket_bytes_written()
         ((out.y * g).sum() + out.aux_loss).backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        t1 = time.thread_time()
         w1, c1, io2 = time.perf_counter(), time.process_time(), socket_bytes_written()
         if step < s.warmup:
             continue
         rec["wall"].append(w1 - w0)
         rec["cpu"].append(c1 - c0)
+        rec["thread_cpu"].append(t1 - t0)
         if io0 is not None and device.type == "cpu":
             rec["wire_fwd"].append(io1 - io0)
             rec["wire_bwd"].append(io2 - io1)
