@@ -127,3 +127,29 @@ def test_imports_flow_one_way():
                 bad.append(f"moe_lib/{rel} ({me}, layer {LAYER[me]}) imports {other} "
                            f"(layer {LAYER.get(other)})")
     assert not bad, "\n".join(bad)
+
+
+def test_every_data_file_of_the_package_is_declared_package_data():
+    # A data file that pyproject.toml's [tool.setuptools.package-data] does not match is left out
+    # of the wheel: the chapter that loads it works in the clone and fails in Colab.
+    import fnmatch
+
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    data_files = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+                  and "__pycache__" not in p.parts]
+    assert data_files, "expected the stored results and the model configurations"
+    missing = []
+    for path in data_files:
+        rel = path.relative_to(ROOT)
+        matched = False
+        for package, patterns in declared.items():
+            base = ROOT.joinpath(*package.split("."))
+            if base in path.parents and any(
+                    fnmatch.fnmatch(path.relative_to(base).as_posix(), pat) for pat in patterns):
+                matched = True
+        if not matched:
+            missing.append(rel.as_posix())
+    assert not missing, f"not declared as package data in pyproject.toml: {missing}"
