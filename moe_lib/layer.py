@@ -189,23 +189,6 @@ class MoE(nn.Module):
                              "selection_bias=True")
         return self.router.update_selection_bias(gamma)
 
-    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
-        """Check ``x`` and ``mask``; return the flat mask ``[T]`` (bool) or None."""
-        check_tensor("x", x, kind="float", device=self.router.gate.weight.device)
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}"
-            )
-        if mask is None:
-            return None
-        check_tensor("mask", mask, kind=("bool", "int"), shape=tuple(x.shape[:-1]),
-                     device=x.device)
-        if mask.dtype != torch.bool:
-            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("mask must hold 1 (a real token) or 0 (padding) only")
-            mask = mask.bool()
-        return mask.reshape(-1)
-
     def aux_losses(self, routing: Routing) -> dict[str, Tensor]:
         """The configured losses, unweighted, from the routing record (none for zero tokens)."""
         if not isinstance(routing, Routing):
@@ -235,30 +218,60 @@ class MoE(nn.Module):
         count in no loss, and come out as zeros. For ``x: [..., S, d_model]`` each sequence of
         S tokens is a group (capacity per sequence, sequence-wise losses).
         """
-        keep = self._check_input(x, mask)
         c = self.config
-        tokens = x.reshape(-1, c.d_model)  # [T, d_model]
-        groups, num_groups = _sequence_groups(x)
-        if keep is not None:
-            rows = keep.nonzero().squeeze(1)  # the real tokens
-            tokens = tokens.index_select(0, rows)
-            groups = None if groups is None else groups.index_select(0, rows)
-        routing = self.router(tokens)
-        if groups is not None:  # a router's record has one group already
-            routing = with_groups(routing, groups, num_groups)
+        tokens, rows, routing = _route_tokens(self.router, x, mask, c.d_model)
         routing = apply_capacity(routing, c.capacity_factor if c.router != "expert_choice"
                                  else None, capacity=c.capacity,
                                  per_group=c.capacity_per == "sequence")
         y = DISPATCHERS[c.dispatch](tokens, routing, self.experts)
         if self.shared is not None:
             y = y + self.shared(tokens).to(y.dtype)
-        parts = self.aux_losses(routing)
-        aux = torch.zeros((), device=x.device, dtype=torch.float32)
-        for name, value in parts.items():
-            aux = aux + (c.z_loss_coef if name == "z" else c.balance_coef) * value
-        if keep is not None:
-            y = y.new_zeros(keep.shape[0], c.d_model).index_copy(0, rows, y)
-        return MoEOutput(y=y.reshape(x.shape), aux_loss=aux, routing=routing, losses=parts)
+        return _layer_output(x, y, rows, routing, self.aux_losses(routing), c)
+
+
+def _route_tokens(router: nn.Module, x: Tensor, mask: Tensor | None, d_model: int
+                  ) -> tuple[Tensor, Tensor | None, Routing]:
+    """What :class:`MoE` and :class:`moe_lib.parallel.ExpertParallelMoE` do before their experts:
+    check ``x: [..., d_model]`` and ``mask`` (shaped like ``x`` without its last dimension,
+    bool or 0/1), keep the real tokens, and route them with their sequences as groups.
+
+    Returns ``tokens: [T_real, d_model]``, ``rows: [T_real]`` (their places among the ``T``
+    flattened positions; None without a mask) and the router's :class:`Routing` for them.
+    """
+    check_tensor("x", x, kind="float", device=router.gate.weight.device)
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [..., d_model={d_model}], got {tuple(x.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask, kind=("bool", "int"), shape=tuple(x.shape[:-1]),
+                     device=x.device)
+        if mask.dtype != torch.bool:
+            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must hold 1 (a real token) or 0 (padding) only")
+            mask = mask.bool()
+    tokens = x.reshape(-1, d_model)  # [T, d_model]
+    groups, num_groups = _sequence_groups(x)
+    rows = None
+    if mask is not None:
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # the real tokens
+        tokens = tokens.index_select(0, rows)
+        groups = None if groups is None else groups.index_select(0, rows)
+    routing = router(tokens)
+    if groups is not None:  # a router's record has one group already
+        routing = with_groups(routing, groups, num_groups)
+    return tokens, rows, routing
+
+
+def _layer_output(x: Tensor, y: Tensor, rows: Tensor | None, routing: Routing,
+                  parts: dict[str, Tensor], config: MoEConfig) -> MoEOutput:
+    """The :class:`MoEOutput` of ``y: [T_real, d_model]`` for ``x: [..., d_model]``: zeros at
+    the padded positions (``rows`` from :func:`_route_tokens`), and ``aux_loss = balance_coef *
+    (balance losses) + z_loss_coef * z``, from the unweighted ``parts``."""
+    aux = torch.zeros((), device=x.device, dtype=torch.float32)
+    for name, value in parts.items():
+        aux = aux + (config.z_loss_coef if name == "z" else config.balance_coef) * value
+    if rows is not None:
+        y = y.new_zeros(x.shape[:-1].numel(), config.d_model).index_copy(0, rows, y)
+    return MoEOutput(y=y.reshape(x.shape), aux_loss=aux, routing=routing, losses=parts)
 
 
 def _sequence_groups(x: Tensor) -> tuple[Tensor | None, int]:

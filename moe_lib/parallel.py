@@ -67,10 +67,10 @@ from moe_lib.checks import (
     check_type,
 )
 from moe_lib.experts import ExpertBank, compute_dtype
-from moe_lib.layer import MoE, MoEOutput, _sequence_groups
+from moe_lib.layer import MoE, MoEOutput, _layer_output, _route_tokens
 from moe_lib.permute import Permutation, permute, unpermute_combine
 from moe_lib.routers import expert_choice_capacity
-from moe_lib.routing import Routing, with_groups
+from moe_lib.routing import Routing
 
 BACKENDS = ("gloo", "nccl")
 START_METHODS = ("spawn", "fork")
@@ -364,21 +364,6 @@ class ExpertParallelMoE(nn.Module):
         dist.all_reduce(router.load_counts, group=self.group)
         return router.update_selection_bias(gamma)
 
-    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
-        d = self.config.d_model
-        check_tensor("x", x, kind="float", device=self.router.gate.weight.device)
-        if x.dim() == 0 or x.shape[-1] != d:
-            raise ValueError(f"x must have shape [..., d_model={d}], got {tuple(x.shape)}")
-        if mask is None:
-            return None
-        check_tensor("mask", mask, kind=("bool", "int"), shape=tuple(x.shape[:-1]),
-                     device=x.device)
-        if mask.dtype != torch.bool:
-            if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("mask must hold 1 (a real token) or 0 (padding) only")
-            mask = mask.bool()
-        return mask.reshape(-1)
-
     def _gather_stats(self, x: Tensor, routing: Routing) -> Tensor:
         """All ranks' ``[_STATS + k E]`` int64 summaries, ``[N, ...]``; checks that they agree
         on what decides the collectives and the buffers."""
@@ -521,27 +506,14 @@ class ExpertParallelMoE(nn.Module):
         them (``y: [..., d_model]``; ``routing``: this rank's tokens, with the kept mask of the
         global capacity; ``aux_loss`` and ``losses``: the global values, the same on every
         rank). ``mask`` as in :meth:`moe_lib.layer.MoE.forward`."""
-        keep = self._check_input(x, mask)
         c = self.config
-        tokens = x.reshape(-1, c.d_model)  # [T, d_model]
-        groups, num_groups = _sequence_groups(x)
-        if keep is not None:
-            rows = keep.nonzero().squeeze(1)
-            tokens = tokens.index_select(0, rows)
-            groups = None if groups is None else groups.index_select(0, rows)
-        routing = with_groups(self.router(tokens), groups, num_groups)
+        tokens, rows, routing = _route_tokens(self.router, x, mask, c.d_model)
         stats = self._gather_stats(x, routing)
         routing = self._global_routing(routing, stats)
         y = self._exchange(tokens, routing)
         if self.shared is not None:
             y = y + self.shared(tokens).to(y.dtype)
-        parts = self._losses(routing, stats)
-        aux = torch.zeros((), device=x.device, dtype=torch.float32)
-        for name, value in parts.items():
-            aux = aux + (c.z_loss_coef if name == "z" else c.balance_coef) * value
-        if keep is not None:
-            y = y.new_zeros(keep.shape[0], c.d_model).index_copy(0, rows, y)
-        return MoEOutput(y=y.reshape(x.shape), aux_loss=aux, routing=routing, losses=parts)
+        return _layer_output(x, y, rows, routing, self._losses(routing, stats), c)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
