@@ -653,6 +653,8 @@ from moe_lib.bench import cli as bench_cli  # noqa: E402
 CASES += [
     ("bench.cli.check_seeds", lambda: bench_cli.check_seeds([]), ValueError, "seeds"),
     ("bench.cli.check_seeds", lambda: bench_cli.check_seeds("0 1"), TypeError, "seeds"),
+    ("bench.cli.parse_size_list", lambda: bench_cli.parse_size_list(["1,2"], "d,h"), TypeError,
+     "text"),
     ("bench.cli.check_results", lambda: bench_cli.check_results([{}], ("seed",)), ValueError,
      "results"),
     ("bench.cli.parse_overrides", lambda: bench_cli.parse_overrides(["x=1"], bench_cli.Clock),

@@ -118,3 +118,14 @@ def test_check_results_names_the_run_and_the_missing_keys():
         cli.check_results([3], ("a",))
     with pytest.raises(TypeError, match="results"):
         cli.check_results({}, ("a",))
+
+
+def test_parse_size_list_reads_tuples_and_names_the_fields():
+    import argparse
+
+    assert cli.parse_size_list("1,2,3;4,5,6", "d,h,E") == [(1, 2, 3), (4, 5, 6)]
+    for bad in ("1,2", "1,2,x", "1,2,3;", "1,2,3,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"a size is d,h,E \(3 ints\)"):
+            cli.parse_size_list(bad, "d,h,E")
+    with pytest.raises(TypeError, match="fields"):
+        cli.parse_size_list("1", 3)

@@ -70,6 +70,26 @@ def parse_overrides(items: list[str], settings_type: type, strings: bool = False
     return out
 
 
+def parse_size_list(text: str, fields: str) -> list[tuple[int, ...]]:
+    """``"1,2,3;4,5,6"`` with ``fields="d,h,E"`` -> ``[(1, 2, 3), (4, 5, 6)]``: the ``--sizes``
+    of the benchmarks, one tuple of ``len(fields.split(","))`` ints per ``;``-separated part. A
+    malformed part raises ``argparse.ArgumentTypeError``, which argparse reports as a usage error
+    naming the option."""
+    check_type("text", text, str)
+    check_type("fields", fields, str)
+    n = len(fields.split(","))
+    sizes = []
+    for part in text.split(";"):
+        try:
+            vals = tuple(int(v) for v in part.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"a size is {fields} ({n} ints); got {part!r}")
+        sizes.append(vals)
+    return sizes
+
+
 def experiment_parser(module: str, doc: str | None, seeds: list[int],
                       settings_help: str = "fields of Settings",
                       threads: int | None = 1) -> argparse.ArgumentParser:

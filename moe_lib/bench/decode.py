@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moe_lib.bench import cli
 from moe_lib.bench.machine import machine_record
 from moe_lib.bench.timing import CLOCKS, get_clock, load_average
 from moe_lib.checks import (
@@ -367,17 +368,7 @@ def summary(rows: list[dict]) -> dict:
 def parse_sizes(text: str) -> list[Size]:
     """``"d,h,E,k;d,h,E,k"`` -> list of 4-tuples (an ``argparse.ArgumentTypeError`` if
     malformed)."""
-    check_type("text", text, str)
-    sizes = []
-    for part in text.split(";"):
-        try:
-            vals = tuple(int(v) for v in part.split(","))
-        except ValueError:
-            vals = ()
-        if len(vals) != 4:
-            raise argparse.ArgumentTypeError(f"a size is d,h,E,k (4 ints); got {part!r}")
-        sizes.append(vals)
-    return sizes
+    return cli.parse_size_list(text, "d,h,E,k")
 
 
 def parse_ints(text: str) -> list[int]:

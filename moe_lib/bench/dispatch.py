@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_lib.bench import cli
 from moe_lib.bench.graph_breaks import compile_report
 from moe_lib.bench.impls import (
     IMPLS,
@@ -336,17 +337,7 @@ def format_table(rows: list[dict]) -> str:
 def parse_sizes(text: str) -> list[Size]:
     """``"d,h,E,k,T;d,h,E,k,T"`` -> list of 5-tuples (an ``argparse.ArgumentTypeError`` for a
     malformed one, so that argparse reports it as a usage error)."""
-    check_type("text", text, str)
-    sizes = []
-    for part in text.split(";"):
-        try:
-            vals = tuple(int(v) for v in part.split(","))
-        except ValueError:
-            vals = ()
-        if len(vals) != 5:
-            raise argparse.ArgumentTypeError(f"a size is d,h,E,k,T (5 ints); got {part!r}")
-        sizes.append(vals)
-    return sizes
+    return cli.parse_size_list(text, "d,h,E,k,T")
 
 
 def _parser() -> argparse.ArgumentParser:
