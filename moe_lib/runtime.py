@@ -43,6 +43,16 @@ def as_device(device: torch.device | str, name: str = "device") -> torch.device:
                          f"{device!r}") from err
 
 
+def available_device(device: torch.device | str, name: str = "device") -> torch.device:
+    """:func:`as_device`, and a ValueError naming the argument when it is a CUDA device and
+    torch sees no GPU (before any work, not at the first tensor moved there)."""
+    device = as_device(device, name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} must be available: {device} needs a CUDA GPU and none is "
+                         "visible to torch")
+    return device
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued kernels to finish (a no-op on a CPU): call before a clock."""
     device = as_device(device)

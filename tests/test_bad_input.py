@@ -55,6 +55,10 @@ def perm():
 CASES = [
     # ---------------------------------------------------------------- runtime
     ("runtime.seed_everything", lambda: runtime.seed_everything(-1), ValueError, "seed"),
+    ("runtime.available_device", lambda: runtime.available_device("tpu:x"), ValueError,
+     "device"),
+    ("runtime.available_device", lambda: runtime.available_device(0, "where"), TypeError,
+     "where"),
     ("runtime.seed_everything", lambda: runtime.seed_everything(2**40), ValueError, "seed"),
     ("runtime.seed_everything", lambda: runtime.seed_everything(1.5), TypeError, "seed"),
     ("runtime.as_device", lambda: runtime.as_device("gpu0"), ValueError, "device"),
@@ -809,3 +813,10 @@ def test_every_public_name_has_a_bad_input_case():
     public = [n for m in MODULES for n in _public_names(m)]
     missing = [n for n in public if n not in covered and n not in NO_ARGUMENTS_TO_CHECK]
     assert not missing, f"public names without a bad-input case in this file: {missing}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available here")
+def test_available_device_refuses_cuda_without_a_gpu():
+    with pytest.raises(ValueError, match="where must be available: cuda needs a CUDA GPU"):
+        runtime.available_device("cuda", "where")
+    assert runtime.available_device("cpu") == torch.device("cpu")

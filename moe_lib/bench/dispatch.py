@@ -69,7 +69,7 @@ from moe_lib.checks import (
     check_positive_int,
     check_type,
 )
-from moe_lib.runtime import as_device, cpu_threads, synchronize
+from moe_lib.runtime import as_device, available_device, cpu_threads, synchronize
 
 __all__ = [
     "DEEPSEEK_IMPLS", "DEEPSEEK_SIZES", "IMPLS", "PRESETS", "QUICK_IMPLS", "QUICK_SIZES",
@@ -158,10 +158,7 @@ class DispatchBenchConfig:
     def __post_init__(self) -> None:
         self._set("sizes", _check_sizes(self.sizes))
         self._set("impls", check_names("impls", self.impls))
-        device = as_device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
-                             "visible to torch")
+        device = available_device(self.device)
         self._set("device", device)
         check_dtype("dtype", self.dtype)
         check_positive_int("rounds", self.rounds)

@@ -56,7 +56,7 @@ from moe_lib.data import (
 )
 from moe_lib.layer import MoE
 from moe_lib.models import Transformer, TransformerConfig
-from moe_lib.runtime import as_device
+from moe_lib.runtime import as_device, available_device
 from moe_lib.train import train
 
 ARMS = ("token_choice", "expert_choice")
@@ -232,10 +232,7 @@ def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu"
     """
     check_type("settings", settings, Settings)
     seeds = cli.check_seeds(seeds)
-    device = as_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
-                         "visible to torch")
+    device = available_device(device)
     check_bool("progress", progress)
     s = settings
     data = load_package_snippets(snippet_len=s.snippet_len)

@@ -44,7 +44,7 @@ from moe_lib.bench.moe_vs_dense import Settings
 from moe_lib.checks import check_bool, check_int, check_tensor, check_type
 from moe_lib.data import CHAR_CLASSES, char_classes, lm_batch, load_code_corpus
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
-from moe_lib.runtime import as_device
+from moe_lib.runtime import available_device
 from moe_lib.stats import max_violation, utilisation_by_group
 from moe_lib.train import evaluate, train
 
@@ -161,10 +161,7 @@ def run(settings: Settings, seeds: list[int], variants: tuple[Variant, ...] = VA
     check_type("settings", settings, Settings)
     seeds = cli.check_seeds(seeds)
     variants = _check_variants(variants, settings)
-    device = as_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
-                         "visible to torch")
+    device = available_device(device)
     check_bool("progress", progress)
     s = settings
     corpus = load_code_corpus(max_bytes=s.max_bytes)

@@ -55,7 +55,7 @@ from moe_lib.checks import (
 )
 from moe_lib.data import LM_PACKAGES, SPLITS, ByteCorpus, lm_batch, load_code_corpus
 from moe_lib.models import Transformer, TransformerConfig
-from moe_lib.runtime import as_device
+from moe_lib.runtime import available_device
 from moe_lib.train import evaluate, train
 
 N_GROUP, TOPK_GROUP = 4, 2
@@ -266,10 +266,7 @@ def run(settings: Settings, seeds: list[int], methods: tuple[Method, ...] = METH
     check_type("settings", settings, Settings)
     seeds = cli.check_seeds(seeds)
     methods = _check_methods(methods)
-    device = as_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
-                         "visible to torch")
+    device = available_device(device)
     check_bool("progress", progress)
     s = settings
     if s.batch % MICRO_BATCHES:

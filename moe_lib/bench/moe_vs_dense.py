@@ -37,7 +37,7 @@ from moe_lib.checks import (
 )
 from moe_lib.data import lm_batch, load_code_corpus
 from moe_lib.models import Transformer, TransformerConfig, ffn_parameter_counts
-from moe_lib.runtime import as_device
+from moe_lib.runtime import available_device
 from moe_lib.train import evaluate, train
 
 NUM_EXPERTS, TOP_K = 8, 2
@@ -125,10 +125,7 @@ def run(settings: Settings, seeds: list[int], device: torch.device | str = "cpu"
     """
     check_type("settings", settings, Settings)
     seeds = cli.check_seeds(seeds)
-    device = as_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available: {device} needs a CUDA GPU and none is "
-                         "visible to torch")
+    device = available_device(device)
     check_bool("progress", progress)
     if keep is not None:
         check_type("keep", keep, dict)
