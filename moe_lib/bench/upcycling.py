@@ -26,15 +26,14 @@ arm and the per-seed differences. Needs the ``book`` extra (pandas, tqdm).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from moe_lib.bench import cli
+from moe_lib.bench import cli, moe_vs_dense
 from moe_lib.checks import (
     check_bool,
     check_int_range,
-    check_positive,
     check_positive_int,
     check_type,
 )
@@ -51,47 +50,26 @@ PHASE_TWO_SEED = 10_000  # phase two's batches: generator seeded PHASE_TWO_SEED 
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Sizes and training: ``d_model``, ``n_layers``, ``n_heads`` (dividing d_model), ``h``
-    (chapter 8's expert width; the dense FFN has hidden ``top_k * h``, and so have the upcycled
-    experts), ``seq_len``, ``batch``, ``dense_steps`` (phase one), ``steps`` (phase two),
-    ``lr``, ``max_bytes`` (None: the whole corpus), ``eval_batches``, ``eval_every``,
-    ``num_experts`` and ``top_k`` (>= 2: one renormalised expert would get weight 1 and its
-    router no gradient from the task)."""
+class Settings(moe_vs_dense.Settings):
+    """Chapter 8's settings (:class:`moe_lib.bench.moe_vs_dense.Settings`: ``d_model``,
+    ``n_layers``, ``n_heads``, ``h`` (the expert width; the dense FFN has hidden ``top_k * h``,
+    and so have the upcycled experts), ``seq_len``, ``batch``, ``steps`` (here phase two),
+    ``lr``, ``max_bytes``, ``eval_batches``, ``num_experts``, ``top_k``) and two more:
+    ``dense_steps`` (phase one) and ``eval_every``. ``top_k >= 2``: one renormalised expert
+    would get weight 1 and its router no gradient from the task."""
 
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    h: int = 64
-    seq_len: int = 64
-    batch: int = 16
     dense_steps: int = 400
-    steps: int = 400
-    lr: float = 3e-3
-    max_bytes: int | None = 400_000
-    eval_batches: int = 8
     eval_every: int = 50
-    num_experts: int = 8
-    top_k: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "h", "seq_len", "batch", "dense_steps",
-                     "steps", "eval_batches", "eval_every", "num_experts"):
+        super().__post_init__()
+        for name in ("dense_steps", "eval_every"):
             check_positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads must divide d_model={self.d_model}, got {self.n_heads}")
-        check_positive("lr", self.lr)
-        object.__setattr__(self, "lr", float(self.lr))
-        if self.max_bytes is not None:
-            check_positive_int("max_bytes", self.max_bytes)
         check_int_range("top_k", self.top_k, 2, self.num_experts)
 
-    def to_dict(self) -> dict:
-        """The fields as a dict (what ``--out`` files record under ``meta.settings``)."""
-        return asdict(self)
 
-
-QUICK = Settings()
+QUICK = Settings(d_model=64, n_layers=2, n_heads=4, h=64, seq_len=64, batch=16, steps=400,
+                 lr=3e-3, max_bytes=400_000, eval_batches=8)
 FULL = Settings(d_model=256, n_layers=4, n_heads=8, h=256, seq_len=256, batch=32,
                 dense_steps=2000, steps=2000, lr=1e-3, max_bytes=None, eval_batches=32,
                 eval_every=200)
